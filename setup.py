@@ -1,0 +1,41 @@
+"""Build the Cython hot paths. FASTKNOCK_NO_EXTENSIONS=1 skips them (pure Python only);
+FASTKNOCK_CYTHON_TRACE=1 builds with line tracing for coverage/profiling (``make debug``)."""
+
+import os
+
+from setuptools import Extension, setup
+
+ext_modules = []
+if os.environ.get("FASTKNOCK_NO_EXTENSIONS") != "1":
+    from Cython.Build import cythonize
+
+    trace = os.environ.get("FASTKNOCK_CYTHON_TRACE") == "1"
+    macros = [("CYTHON_TRACE_NOGIL", "1")] if trace else []
+    cflags = ["-O3", "-fno-strict-aliasing"]
+    ext_modules = cythonize(
+        [
+            Extension(
+                "fastknock._wire",
+                ["fastknock/_wire.pyx"],
+                include_dirs=["fastknock"],
+                define_macros=macros,
+                extra_compile_args=cflags,
+            ),
+            Extension(
+                "fastknock._hmac",
+                ["fastknock/_hmac.pyx"],
+                include_dirs=["fastknock"],
+                define_macros=macros,
+                extra_compile_args=cflags,
+            ),
+        ],
+        compiler_directives={
+            "language_level": "3",
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "linetrace": trace,
+        },
+    )
+
+setup(ext_modules=ext_modules)
