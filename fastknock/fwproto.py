@@ -1,0 +1,212 @@
+"""IPC between fastknockd (unprivileged) and fastknockfwd (root): codec and tiny clients.
+
+Design
+------
+One request per Unix stream connection, one reply, then both sides close. Fixed sizes, so
+the daemon reads exactly ``REQUEST_SIZE`` bytes or drops the peer; no framing state.
+
+Request (64 bytes, big-endian)::
+
+    offset size field
+    0      4    MAGIC = b"FKFW"
+    4      1    VERSION = 1
+    5      1    OP (1 install, 2 revoke)
+    6      1    FAMILY (4 or 6)
+    7      1    reserved, must be 0
+    8      4    USER (u32)
+    12     4    RESOURCE (u32)
+    16     16   ADDRESS (IPv4: 4 bytes, then 12 zero bytes; IPv6: 16 bytes)
+    32     32   CHECKSUM of the config file the sender runs with
+
+Reply (8 bytes): MAGIC(4) VERSION(1) STATUS(1) reserved(2, zero).
+
+The daemon checks that CHECKSUM equals the checksum of its own config, so both processes
+agree on what a user/resource id means. IPv4-mapped IPv6 addresses (``::ffff:a.b.c.d``)
+are IPv4 clients: ``encode_request`` and ``decode_request`` both normalise them, so the
+firewall only ever sees plain IPv4 for them.
+
+This module is stdlib-only and imported by the root daemon: keep it small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+
+from fastknock.errors import FirewallError, WireError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+MAGIC = b"FKFW"
+VERSION = 1
+CHECKSUM_SIZE = 32
+_REQ = struct.Struct(">4sBBBBII16s32s")
+_REP = struct.Struct(">4sBBH")
+REQUEST_SIZE = _REQ.size  # 64
+REPLY_SIZE = _REP.size  # 8
+
+SOCKET_DIR = "fastknockfwd"
+SOCKET_NAME = "fastknockfwd.sock"
+PID_NAME = "fastknockfwd.pid"
+
+
+class FwOp(enum.IntEnum):
+    INSTALL = 1
+    REVOKE = 2
+
+
+class FwStatus(enum.IntEnum):
+    """The daemon's answer. ACK is success; everything else is a NACK with its reason."""
+
+    ACK = 0
+    MALFORMED = 1  # the request bytes were not a valid request
+    BAD_CHECKSUM = 2  # the sender runs with a different config file
+    BAD_ADDRESS = 3  # all-zero/all-ones address, or a family the nftables family lacks
+    UNKNOWN_RESOURCE = 4
+    USER_NOT_ALLOWED = 5  # unknown user, or not in the resource's users: list
+    BAD_PORT = 6  # port 0 or the control port
+    LIMIT = 7  # [NFTABLES] max-nr-rules reached
+    FIREWALL_ERROR = 8  # nftables refused the change
+    NOT_PERMITTED = 9  # the peer's uid/gid is not the server account's
+
+
+@dataclass(frozen=True, slots=True)
+class FwRequest:
+    op: FwOp
+    user: int
+    resource: int
+    addr: IPAddress
+    checksum: bytes
+
+
+def normalize_addr(addr: IPAddress) -> IPAddress:
+    """Return the IPv4 address for an IPv4-mapped IPv6 address, else ``addr`` itself."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def socket_path(rundir: str = "/run") -> str:
+    return f"{rundir.rstrip('/') or ''}/{SOCKET_DIR}/{SOCKET_NAME}"
+
+
+def pid_path(rundir: str = "/run") -> str:
+    return f"{rundir.rstrip('/') or ''}/{SOCKET_DIR}/{PID_NAME}"
+
+
+def encode_request(req: FwRequest) -> bytes:
+    """Serialise ``req``; raises WireError for out-of-range fields."""
+    try:
+        op = FwOp(req.op)
+    except ValueError:
+        raise WireError(f"bad firewall operation {req.op!r}") from None
+    if not 0 <= req.user <= 0xFFFFFFFF or not 0 <= req.resource <= 0xFFFFFFFF:
+        raise WireError("user/resource id out of range")
+    if not isinstance(req.checksum, bytes) or len(req.checksum) != CHECKSUM_SIZE:
+        raise WireError(f"config checksum must be {CHECKSUM_SIZE} bytes")
+    addr = normalize_addr(req.addr)
+    if isinstance(addr, ipaddress.IPv4Address):
+        family, packed = 4, addr.packed + bytes(12)
+    elif isinstance(addr, ipaddress.IPv6Address):
+        family, packed = 6, addr.packed
+    else:
+        raise WireError(f"not an IP address: {req.addr!r}")
+    return _REQ.pack(MAGIC, VERSION, op, family, 0, req.user, req.resource, packed, req.checksum)
+
+
+def decode_request(data: bytes) -> FwRequest:
+    """Parse one request; raises WireError on anything malformed."""
+    if len(data) != REQUEST_SIZE:
+        raise WireError(f"request must be {REQUEST_SIZE} bytes, got {len(data)}")
+    magic, version, op, family, reserved, user, resource, packed, checksum = _REQ.unpack(data)
+    if magic != MAGIC:
+        raise WireError("bad request magic")
+    if version != VERSION:
+        raise WireError(f"unsupported request version {version}")
+    if op not in (FwOp.INSTALL, FwOp.REVOKE):
+        raise WireError(f"bad firewall operation {op}")
+    if reserved != 0:
+        raise WireError("reserved request byte is not zero")
+    addr: IPAddress
+    if family == 4:
+        if any(packed[4:]):
+            raise WireError("IPv4 address padding is not zero")
+        addr = ipaddress.IPv4Address(packed[:4])
+    elif family == 6:
+        addr = normalize_addr(ipaddress.IPv6Address(packed))
+    else:
+        raise WireError(f"bad address family {family}")
+    return FwRequest(FwOp(op), user, resource, addr, checksum)
+
+
+def encode_reply(status: FwStatus) -> bytes:
+    return _REP.pack(MAGIC, VERSION, FwStatus(status), 0)
+
+
+def decode_reply(data: bytes) -> FwStatus:
+    if len(data) != REPLY_SIZE:
+        raise WireError(f"reply must be {REPLY_SIZE} bytes, got {len(data)}")
+    magic, version, status, reserved = _REP.unpack(data)
+    if magic != MAGIC or version != VERSION or reserved != 0:
+        raise WireError("bad reply header")
+    try:
+        return FwStatus(status)
+    except ValueError:
+        raise WireError(f"unknown reply status {status}") from None
+
+
+async def _request(path: str, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await reader.readexactly(REPLY_SIZE)
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+
+
+async def request(path: str, req: FwRequest, timeout: float) -> FwStatus:
+    """Send one request to fastknockfwd; raise FirewallError if it cannot be answered."""
+    data = encode_request(req)
+    try:
+        reply = await asyncio.wait_for(_request(path, data), timeout)
+    except asyncio.TimeoutError:
+        raise FirewallError(f"firewall daemon at {path} timed out") from None
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        raise FirewallError(f"firewall daemon at {path} unreachable: {exc}") from exc
+    try:
+        return decode_reply(reply)
+    except WireError as exc:
+        raise FirewallError(f"firewall daemon at {path} sent garbage: {exc}") from exc
+
+
+def request_sync(path: str, req: FwRequest, timeout: float) -> FwStatus:
+    """Blocking twin of ``request``."""
+    data = encode_request(req)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(data)
+            reply = b""
+            while len(reply) < REPLY_SIZE:
+                chunk = sock.recv(REPLY_SIZE - len(reply))
+                if not chunk:
+                    break
+                reply += chunk
+    except TimeoutError:
+        raise FirewallError(f"firewall daemon at {path} timed out") from None
+    except OSError as exc:
+        raise FirewallError(f"firewall daemon at {path} unreachable: {exc}") from exc
+    try:
+        return decode_reply(reply)
+    except WireError as exc:
+        raise FirewallError(f"firewall daemon at {path} sent garbage: {exc}") from exc
