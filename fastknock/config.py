@@ -1,13 +1,58 @@
 """Configuration files (letmein's format), parsed to frozen dataclasses.
 
-CONTRACT (implementation pending; see the config helper task). Types below are final.
+Design
+------
+* ``parse_config(text, source, role)`` is pure: text in, a frozen ``Config`` out, or a
+  ``ConfigError(message, source, line)``. ``load_config`` only reads the bytes. The lexer
+  and the scalar parsers live in ``_configparse``; this module owns the types and the
+  meaning of each section. The format is PROTOCOL.md "Configuration file format"; where
+  that text is silent, letmein 12.x's own reader (letmein-conf) decides.
+* A file letmein accepts loads with the same meaning, with these deliberate exceptions,
+  each of which only rejects files that are wrong or ambiguous anyway: unknown sections
+  and options, duplicate options, ``X-match`` without ``X:``, port 0, zero timeouts,
+  fractional nftables/resource timeouts, table/chain names outside
+  ``[A-Za-z0-9_.-]{1,64}``, and (server) a missing ``[NFTABLES]``/``chain-input``.
+  Two port resources may share a port number when their protocols do not overlap
+  (letmein refuses any shared number).
+* Ids (users, resources, default-user) are 1 to 8 hex digits, as letmein reads them
+  (``u32::from_str_radix(s, 16)``); the docs always write 8.
+* Keys are secrets: they live only in ``Config.keys`` (``repr=False``) and no error message
+  quotes a key, a key-shaped string, or a whole line (see ``_configparse.show``).
+* Role "server" needs ``[NFTABLES]`` with ``chain-input``. Role "client" parses
+  ``[NFTABLES]`` if present (validated the same way) and sets ``nftables`` only when it
+  names ``chain-input``. ``[CLIENT]`` is accepted in both roles.
+* Mappings in ``Config`` are read-only ``MappingProxyType`` views.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Union
+from types import MappingProxyType
+from typing import Literal
+
+from fastknock._configparse import (
+    U32_MAX,
+    Checker,
+    Item,
+    RawOption,
+    RawSection,
+    lex,
+    looks_numeric,
+    lower_word,
+    parse_bool,
+    parse_float,
+    parse_id,
+    parse_uint,
+    show,
+    split_items,
+    strip,
+)
+from fastknock.errors import ConfigError
 
 DEFAULT_CLIENT_CONFIG = "/etc/fastknock/fastknock.conf"
 DEFAULT_SERVER_CONFIG = "/etc/fastknock/fastknockd.conf"
@@ -51,7 +96,7 @@ class JumpResource:
     timeout: int | None = None
 
 
-Resource = Union[PortResource, JumpResource]
+Resource = PortResource | JumpResource
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +129,373 @@ class Config:
 
     def allowed(self, user: int, resource: Resource) -> bool:
         return resource.users is None or user in resource.users
+
+
+# --------------------------------------------------------------------------- parsing
+
+_KEY_HEX = re.compile(r"[0-9A-Fa-f]{64}")
+_SECTIONS = ("GENERAL", "NFTABLES", "CLIENT", "KEYS", "RESOURCES")
+_GENERAL = ("debug", "port", "control-timeout", "control-error-policy", "seccomp")
+_NFTABLES = tuple(
+    "exe family table chain-input chain-forward chain-output timeout max-nr-rules".split()
+)
+_CLIENT = ("default-user",)
+_FAMILIES = ("inet", "ip", "ip6")
+_CHAINS = ("input", "forward", "output")
+
+
+def config_checksum(data: bytes) -> bytes:
+    """letmein's ConfigChecksum: SHA3-256(u64 big-endian len(data) || data)."""
+    h = hashlib.sha3_256(len(data).to_bytes(8, "big"))
+    h.update(data)
+    return h.digest()
+
+
+def _uid(value: int) -> str:
+    return f"{value:08X}"
+
+
+class _Parser(Checker):
+    def __init__(self, source: str, role: Role) -> None:
+        super().__init__(source)
+        self.role = role
+
+    # -- [GENERAL] ----------------------------------------------------------------------
+
+    def general(self, sect: RawSection | None, out: dict[str, object]) -> None:
+        if sect is None:
+            return
+        self.known_options(sect, _GENERAL)
+        opts = sect.options
+        if "debug" in opts:
+            opt = opts["debug"]
+            flag = parse_bool(opt.value)
+            if flag is None:
+                self.fail(
+                    f"[GENERAL] debug: bad value {show(strip(opt.value))} (expected true|false)",
+                    opt.line,
+                )
+            out["debug"] = flag
+        if "port" in opts:
+            out["port"], out["port_tcp"], out["port_udp"] = self.control_port(opts["port"])
+        if "control-timeout" in opts:
+            opt = opts["control-timeout"]
+            whole = parse_uint(opt.value)  # letmein also takes 0x hex here
+            timeout = float(whole) if whole is not None else parse_float(opt.value)
+            if timeout is None or not 0 < timeout <= U32_MAX:
+                self.fail(
+                    f"[GENERAL] control-timeout: bad number {show(strip(opt.value))} "
+                    "(expected positive seconds)",
+                    opt.line,
+                )
+            out["control_timeout"] = timeout
+        if "control-error-policy" in opts:
+            choices = tuple(p.value for p in ErrorPolicy)
+            word = self.enum(
+                opts["control-error-policy"], "[GENERAL] control-error-policy", choices
+            )
+            out["control_error_policy"] = ErrorPolicy(word)
+        if "seccomp" in opts:
+            choices = tuple(m.value for m in SeccompMode)
+            out["seccomp"] = SeccompMode(self.enum(opts["seccomp"], "[GENERAL] seccomp", choices))
+
+    def control_port(self, opt: RawOption) -> tuple[int, bool, bool]:
+        where = "[GENERAL] port"
+        port: int | None = None
+        tcp = udp = False
+        for item in split_items(opt, self.source, where):
+            if item.key is not None:
+                self.fail(f"{where}: unknown attribute {show(item.key)}", item.line)
+            if len(item.values) == 1 and looks_numeric(item.values[0]):
+                if port is not None:
+                    self.fail(f"{where}: more than one port number", item.line)
+                port = self.uint(item.values[0], where, item.line, 1, 0xFFFF)
+                continue
+            for value in item.values:
+                proto = lower_word(value)
+                if proto == "tcp":
+                    tcp = True
+                elif proto == "udp":
+                    udp = True
+                else:
+                    self.fail(
+                        f"{where}: unknown protocol {show(value)} (expected tcp, udp or both)",
+                        item.line,
+                    )
+        if not (tcp or udp):
+            tcp = True
+        return (DEFAULT_CONTROL_PORT if port is None else port), tcp, udp
+
+    # -- [NFTABLES] and [CLIENT] --------------------------------------------------------
+
+    def nftables(self, sect: RawSection | None) -> NftablesConfig | None:
+        if sect is None:
+            if self.role == "server":
+                self.fail("missing section [NFTABLES] (required on the server)", None)
+            return None
+        self.known_options(sect, _NFTABLES)
+        opts = sect.options
+        kw: dict[str, object] = {}
+        if "exe" in opts:
+            exe = strip(opts["exe"].value)
+            if not exe or not exe.isprintable():
+                self.fail("[NFTABLES] exe: must be a non-empty printable path", opts["exe"].line)
+            kw["exe"] = exe
+        if "family" in opts:
+            opt = opts["family"]
+            family = strip(opt.value)
+            if family not in _FAMILIES:
+                self.fail(
+                    f"[NFTABLES] family: bad value {show(family)} (expected inet | ip | ip6)",
+                    opt.line,
+                )
+            kw["family"] = family
+        for name in ("table", "chain-input", "chain-forward", "chain-output"):
+            if name in opts:
+                kw[name.replace("-", "_")] = self.name(
+                    opts[name].value, f"[NFTABLES] {name}", opts[name].line
+                )
+        for name in ("timeout", "max-nr-rules"):
+            if name in opts:
+                kw[name.replace("-", "_")] = self.uint(
+                    opts[name].value, f"[NFTABLES] {name}", opts[name].line, 1, U32_MAX
+                )
+        if "chain_input" not in kw:
+            if self.role == "server":
+                self.fail("[NFTABLES] missing required option 'chain-input'", sect.line)
+            return None
+        return NftablesConfig(**kw)  # type: ignore[arg-type]
+
+    def client(self, sect: RawSection | None) -> int | None:
+        if sect is None:
+            return None
+        self.known_options(sect, _CLIENT)
+        opt = sect.options.get("default-user")
+        return None if opt is None else self.id(opt.value, "[CLIENT] default-user", opt.line)
+
+    # -- [KEYS] -------------------------------------------------------------------------
+
+    def keys(self, sect: RawSection | None) -> dict[int, bytes]:
+        keys: dict[int, bytes] = {}
+        lines: dict[int, int] = {}
+        if sect is None:
+            return keys
+        for name, opt in sect.options.items():
+            uid = parse_id(name)
+            if uid is None:
+                self.fail(
+                    f"[KEYS] bad user id {show(strip(name))} (expected 8 hex digits)", opt.line
+                )
+            if uid in keys:
+                self.fail(
+                    f"[KEYS] duplicate key for user {_uid(uid)} (first on line {lines[uid]})",
+                    opt.line,
+                )
+            keys[uid] = self.key(opt, uid)
+            lines[uid] = opt.line
+        return keys
+
+    def key(self, opt: RawOption, uid: int) -> bytes:
+        # Never quote the value: not even a wrong one (it may be a real key with a typo).
+        text = strip(opt.value)
+        what = f"[KEYS] key of user {_uid(uid)}"
+        if len(text) != 64:
+            self.fail(f"{what}: must be 64 hex digits (got {len(text)})", opt.line)
+        if not _KEY_HEX.fullmatch(text):
+            self.fail(f"{what}: must be 64 hex digits (found a non-hex character)", opt.line)
+        key = bytes.fromhex(text)
+        if key == bytes(32):
+            self.fail(f"{what}: the all-zero key is not allowed", opt.line)
+        if key == b"\xff" * 32:
+            self.fail(
+                f"{what}: the all-FF key is letmein's placeholder, not a key "
+                "(make one with gen-key)",
+                opt.line,
+            )
+        return key
+
+    # -- [RESOURCES] --------------------------------------------------------------------
+
+    def resources(self, sect: RawSection | None) -> dict[int, Resource]:
+        out: dict[int, Resource] = {}
+        lines: dict[int, int] = {}
+        if sect is None:
+            return out
+        for name, opt in sect.options.items():
+            rid = parse_id(name)
+            if rid is None:
+                self.fail(
+                    f"[RESOURCES] bad resource id {show(strip(name))} (expected 8 hex digits)",
+                    opt.line,
+                )
+            if rid in out:
+                self.fail(
+                    f"[RESOURCES] duplicate resource {_uid(rid)} (first on line {lines[rid]})",
+                    opt.line,
+                )
+            out[rid] = self.resource(rid, opt)
+            lines[rid] = opt.line
+        self.check_ports(out, lines)
+        return out
+
+    def resource(self, rid: int, opt: RawOption) -> Resource:
+        where = f"[RESOURCES] resource {_uid(rid)}"
+        items = split_items(opt, self.source, where)
+        heads = [
+            it.key if it.key is not None else (it.values[0] if len(it.values) == 1 else None)
+            for it in items
+        ]
+        is_port, is_jump = "port" in heads, "jump" in heads
+        if is_port == is_jump:
+            self.fail(
+                f"{where}: must be either 'port: N ...' or 'jump / input: CHAIN ...'", opt.line
+            )
+        return self.port_resource(rid, where, items) if is_port else self.jump(rid, where, items)
+
+    def port_resource(self, rid: int, where: str, items: list[Item]) -> PortResource:
+        port: int | None = None
+        tcp = udp = False
+        common: dict[str, object] = {}
+        for it in items:
+            if it.key is None:
+                for value in it.values:
+                    proto = lower_word(value)
+                    if proto == "tcp":
+                        tcp = True
+                    elif proto == "udp":
+                        udp = True
+                    else:
+                        self.fail(f"{where}: unknown attribute {show(value)}", it.line)
+            elif it.key == "port":
+                if port is not None:
+                    self.fail(f"{where}: more than one 'port:'", it.line)
+                if len(it.values) != 1:
+                    self.fail(f"{where}: 'port:' takes one number", it.line)
+                port = self.uint(it.values[0], f"{where} port", it.line, 1, 0xFFFF)
+            else:
+                self.common(where, it, common)
+        assert port is not None  # "port" was among the item heads
+        if not (tcp or udp):
+            tcp = True
+        return PortResource(rid, port, tcp, udp, **common)  # type: ignore[arg-type]
+
+    def jump(self, rid: int, where: str, items: list[Item]) -> JumpResource:
+        kw: dict[str, object] = {}
+        match_lines: dict[str, int] = {}
+        seen_jump = False
+        for it in items:
+            key = it.key
+            if key is None:
+                if it.values != ["jump"]:
+                    self.fail(f"{where}: unknown attribute {show(', '.join(it.values))}", it.line)
+                if seen_jump:
+                    self.fail(f"{where}: 'jump' given twice", it.line)
+                seen_jump = True
+            elif key in _CHAINS:
+                if key in kw:
+                    self.fail(f"{where}: more than one '{key}:'", it.line)
+                if len(it.values) != 1:
+                    self.fail(f"{where}: '{key}:' takes one chain name", it.line)
+                kw[key] = self.name(it.values[0], f"{where} {key}", it.line)
+            elif key.endswith("-match") and key[: -len("-match")] in _CHAINS:
+                chain = key[: -len("-match")]
+                if chain in match_lines:
+                    self.fail(f"{where}: more than one '{key}:'", it.line)
+                if it.values != ["saddr"]:
+                    self.fail(f"{where}: '{key}:' must be 'saddr'", it.line)
+                match_lines[chain] = it.line
+                kw[f"{chain}_match_saddr"] = True
+            elif key == "jump":
+                self.fail(f"{where}: 'jump' takes no value", it.line)
+            else:
+                self.common(where, it, kw)
+        if not any(chain in kw for chain in _CHAINS):
+            self.fail(
+                f"{where}: a jump resource needs 'input:', 'forward:' or 'output:'", items[0].line
+            )
+        for chain, line in match_lines.items():
+            if chain not in kw:
+                self.fail(f"{where}: '{chain}-match:' without '{chain}:'", line)
+        return JumpResource(rid, **kw)  # type: ignore[arg-type]
+
+    def common(self, where: str, it: Item, kw: dict[str, object]) -> None:
+        """``users:`` and ``timeout:``, shared by both resource kinds."""
+        key = it.key
+        if key not in ("users", "timeout"):
+            self.fail(f"{where}: unknown attribute {show(key or '')}", it.line)
+        if key in kw:
+            self.fail(f"{where}: more than one '{key}:'", it.line)
+        if key == "users":
+            kw["users"] = frozenset(self.id(v, f"{where} users", it.line) for v in it.values)
+        else:
+            if len(it.values) != 1:
+                self.fail(f"{where}: 'timeout:' takes one number", it.line)
+            kw["timeout"] = self.uint(it.values[0], f"{where} timeout", it.line, 1, U32_MAX)
+
+    def check_ports(self, resources: dict[int, Resource], lines: dict[int, int]) -> None:
+        seen: dict[tuple[int, str], int] = {}
+        for rid, res in resources.items():
+            if not isinstance(res, PortResource):
+                continue
+            for proto, on in (("tcp", res.tcp), ("udp", res.udp)):
+                if not on:
+                    continue
+                other = seen.setdefault((res.port, proto), rid)
+                if other != rid:
+                    self.fail(
+                        f"[RESOURCES] resource {_uid(rid)}: port {res.port}/{proto} is already "
+                        f"opened by resource {_uid(other)} (line {lines[other]})",
+                        lines[rid],
+                    )
+
+
+def parse_config(text: str | bytes, source: str = "<string>", role: Role = "server") -> Config:
+    """Parse a whole config file. Raises ``ConfigError`` naming source, line and problem."""
+    if role not in ("server", "client"):
+        raise ValueError(f"role must be 'server' or 'client', not {role!r}")
+    if isinstance(text, str):
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            line = text.count("\n", 0, exc.start) + 1
+            raise ConfigError("text is not valid Unicode (lone surrogate)", source, line) from None
+    else:
+        data = bytes(text)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise ConfigError("file is not valid UTF-8", source, line) from None
+    p = _Parser(source, role)
+    sections = lex(text, source)
+    for name, sect in sections.items():
+        if name not in _SECTIONS:
+            known = " ".join(f"[{n}]" for n in _SECTIONS)
+            p.fail(f"unknown section {show(f'[{name}]')} (known: {known})", sect.line)
+    general: dict[str, object] = {}
+    p.general(sections.get("GENERAL"), general)
+    nftables = p.nftables(sections.get("NFTABLES"))
+    default_user = p.client(sections.get("CLIENT"))
+    keys = p.keys(sections.get("KEYS"))
+    resources = p.resources(sections.get("RESOURCES"))
+    return Config(
+        source=source,
+        checksum=config_checksum(data),
+        nftables=nftables,
+        default_user=default_user,
+        keys=MappingProxyType(keys),
+        resources=MappingProxyType(resources),
+        **general,  # type: ignore[arg-type]
+    )
+
+
+def load_config(path: str | os.PathLike[str], role: Role) -> Config:
+    """Read and parse a config file; any OS error becomes a ``ConfigError``."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"cannot read config: {reason}", source) from None
+    return parse_config(data, source, role)

@@ -1,0 +1,275 @@
+"""Lexing and scalar parsing for letmein-format configuration files.
+
+Design
+------
+The reference is letmein's own reader (``letmein-conf/src/ini.rs``, ``parse.rs``,
+``parse_items.rs``, 12.x). Every rule here mirrors it unless a comment says otherwise.
+
+* Lines are split on ``"\\n"`` only and one trailing ``"\\r"`` is dropped (Rust's
+  ``str::lines``). Python's ``splitlines`` would also split on ``\\x0b``, ``\\x1c``, U+2028...
+* "White space" is Unicode White_Space (Rust's ``char::is_whitespace``), not Python's
+  ``str.isspace`` (which adds ``\\x1c``-``\\x1f``): see ``WS``.
+* A non-blank line that starts with a space or tab and follows an option line (or one of
+  its continuations) continues that option: its left-stripped text is appended after one
+  space. A blank line, a comment or a section header ends the option, so an indented line
+  after a blank line is an ordinary line again (letmein's ``test_parser_continuation_bad``).
+  An indented ``name = value`` with no option before it is an ordinary option, as in
+  letmein; an indented line without ``=`` there is reported as a stray continuation.
+* ``[NAME]``: the line, stripped, must end in ``]``; the name is taken verbatim.
+* ``name = value``: split at the first ``=``; the name is right-stripped; the value is kept
+  raw (each interpreter strips what it uses).
+* Resource and port values are "maps": split on ``/`` into items; an item with a ``:`` is
+  ``key: v1, v2`` (key stripped, values split on ``,`` and stripped), otherwise a bare
+  ``v1, v2`` list. Items keep the line they start on, so errors inside a multi-line
+  resource point at the right line.
+
+Stricter than letmein (deliberately): duplicate options in a section are an error
+(letmein silently keeps the last one). Numbers are ASCII-only with a length cap, so no
+Python ``int()`` surprises (underscores, Unicode digits, the 4300-digit limit).
+
+Nothing here ever puts a raw value into an error message; ``show()`` is the one way to
+quote user text, and it refuses anything that could be key material.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from fastknock.errors import ConfigError
+
+# Unicode White_Space, i.e. what Rust's str::trim() removes.
+WS = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
+    "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+
+_MAX_NUMBER_LEN = 32
+_DEC = re.compile(r"[0-9]+")
+_HEX = re.compile(r"0x[0-9A-Fa-f]+")
+_NUMBERISH = re.compile(r"[0-9]*|0x[0-9A-Fa-f]*")  # letmein's is_number()
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_ID = re.compile(r"[0-9A-Fa-f]{1,8}")
+_HEX_RUN = re.compile(r"[0-9A-Fa-f]{9,}")
+_SHOW_MAX = 32
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # nftables table and chain names
+U32_MAX = 0xFFFFFFFF
+
+
+def strip(s: str) -> str:
+    return s.strip(WS)
+
+
+def show(s: str) -> str:
+    """Quote user text for an error message, unless it might be (part of) a key."""
+    if len(s) > _SHOW_MAX or _HEX_RUN.search(s) or not s.isprintable():
+        return f"<{len(s)} characters, not shown>"
+    return repr(s)
+
+
+@dataclass(slots=True)
+class RawOption:
+    name: str
+    value: str
+    line: int
+    # (offset into value, line number) where each continuation line's text starts.
+    starts: list[tuple[int, int]] = field(default_factory=list)
+
+    def line_at(self, offset: int) -> int:
+        line = self.line
+        for start, lineno in self.starts:
+            if start > offset:
+                break
+            line = lineno
+        return line
+
+
+@dataclass(slots=True)
+class RawSection:
+    name: str
+    line: int
+    options: dict[str, RawOption] = field(default_factory=dict)
+
+
+def lex(text: str, source: str) -> dict[str, RawSection]:
+    """Split a config text into sections and options (no interpretation of values)."""
+    sections: dict[str, RawSection] = {}
+    current: RawSection | None = None
+    last: RawOption | None = None
+    for lineno, raw in enumerate(text.split("\n"), start=1):
+        if raw.endswith("\r"):
+            raw = raw[:-1]
+        indented = raw[:1] in (" ", "\t")
+        if last is not None and indented and strip(raw):
+            last.value += " "
+            last.starts.append((len(last.value), lineno))
+            last.value += raw.lstrip(WS)
+            continue
+        last = None
+        line = raw.lstrip(WS)
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            line = line.rstrip(WS)
+            if len(line) < 2 or not line.endswith("]"):
+                raise ConfigError("malformed section header (expected '[NAME]')", source, lineno)
+            name = line[1:-1]
+            if not name:
+                raise ConfigError("empty section name '[]'", source, lineno)
+            if name in sections:
+                first = sections[name].line
+                raise ConfigError(
+                    f"duplicate section [{name}] (first on line {first})", source, lineno
+                )
+            current = sections[name] = RawSection(name, lineno)
+            continue
+        idx = line.find("=")
+        if idx < 0:
+            if indented:
+                msg = "continuation line (starts with white space) with no option to continue"
+            else:
+                msg = "line is neither a [SECTION] header, a 'name = value' option nor a comment"
+            raise ConfigError(msg, source, lineno)
+        if idx == 0:
+            raise ConfigError("option has no name before '='", source, lineno)
+        if current is None:
+            raise ConfigError("option outside of any [SECTION]", source, lineno)
+        name = line[:idx].rstrip(WS)
+        if name in current.options:
+            first = current.options[name].line
+            raise ConfigError(
+                f"[{current.name}] duplicate option {show(name)} (first on line {first})",
+                source,
+                lineno,
+            )
+        last = current.options[name] = RawOption(name, line[idx + 1 :], lineno)
+    return sections
+
+
+@dataclass(slots=True)
+class Item:
+    key: str | None  # None: a bare "v1, v2" item
+    values: list[str]
+    line: int
+
+
+def split_items(opt: RawOption, source: str, where: str) -> list[Item]:
+    """Split a ``a / key: b, c / d`` value into items (letmein's ``Map``)."""
+    items = []
+    offset = 0
+    for piece in opt.value.split("/"):
+        lead = len(piece) - len(piece.lstrip(WS))
+        line = opt.line_at(offset + min(lead, max(len(piece) - 1, 0)))
+        offset += len(piece) + 1
+        idx = piece.find(":")
+        if idx >= 0:
+            key = strip(piece[:idx])
+            if not key:
+                raise ConfigError(f"{where}: attribute has no name before ':'", source, line)
+            items.append(Item(key, [strip(v) for v in piece[idx + 1 :].split(",")], line))
+        else:
+            items.append(Item(None, [strip(v) for v in piece.split(",")], line))
+    return items
+
+
+def looks_numeric(s: str) -> bool:
+    """letmein's ``is_number``: decimal digits or ``0x`` + hex digits (possibly none)."""
+    return _NUMBERISH.fullmatch(strip(s)) is not None
+
+
+def parse_uint(s: str) -> int | None:
+    """Decimal or ``0x`` hex unsigned integer (letmein's parse_u16/u32), else None."""
+    s = strip(s)
+    if len(s) > _MAX_NUMBER_LEN:
+        return None
+    if _DEC.fullmatch(s):
+        return int(s, 10)
+    if _HEX.fullmatch(s):
+        return int(s[2:], 16)
+    return None
+
+
+def parse_float(s: str) -> float | None:
+    """A finite float in Rust's ``f64`` syntax (no inf/nan, no underscores), else None."""
+    s = strip(s)
+    if len(s) > 2 * _MAX_NUMBER_LEN or not _FLOAT.fullmatch(s):
+        return None
+    value = float(s)
+    return value if math.isfinite(value) else None
+
+
+def parse_id(s: str) -> int | None:
+    """A user/resource id: 1 to 8 hex digits, either case (letmein: from_str_radix 16)."""
+    s = strip(s)
+    return int(s, 16) if _ID.fullmatch(s) else None
+
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+def parse_bool(s: str) -> bool | None:
+    word = lower_word(s)
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    return None
+
+
+def lower_word(s: str) -> str:
+    """Stripped, lower-cased keyword; non-ASCII text never matches (no Kelvin-sign 'k')."""
+    s = strip(s)
+    return s.lower() if s.isascii() else "\0"
+
+
+class Checker:
+    """Scalar checks that raise ``ConfigError`` with the file name and line."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, message: str, line: int | None) -> NoReturn:
+        raise ConfigError(message, self.source, line)
+
+    def known_options(self, sect: RawSection, allowed: tuple[str, ...]) -> None:
+        for name, opt in sect.options.items():
+            if name not in allowed:
+                self.fail(
+                    f"[{sect.name}] unknown option {show(name)} (known: {', '.join(allowed)})",
+                    opt.line,
+                )
+
+    # -- scalars ------------------------------------------------------------------------
+
+    def uint(self, value: str, what: str, line: int, lo: int, hi: int) -> int:
+        n = parse_uint(value)
+        if n is None or not lo <= n <= hi:
+            self.fail(
+                f"{what}: bad number {show(strip(value))} (expected a whole number {lo}..{hi})",
+                line,
+            )
+        return n
+
+    def name(self, value: str, what: str, line: int) -> str:
+        s = strip(value)
+        if not _NAME.fullmatch(s):
+            self.fail(f"{what}: bad name {show(s)} (expected 1 to 64 of A-Z a-z 0-9 _ . -)", line)
+        return s
+
+    def id(self, value: str, what: str, line: int) -> int:
+        n = parse_id(value)
+        if n is None:
+            self.fail(f"{what}: bad id {show(strip(value))} (expected 8 hex digits)", line)
+        return n
+
+    def enum(self, opt: RawOption, what: str, choices: tuple[str, ...]) -> str:
+        word = lower_word(opt.value)
+        if word not in choices:
+            self.fail(
+                f"{what}: bad value {show(strip(opt.value))} (expected {' | '.join(choices)})",
+                opt.line,
+            )
+        return word
