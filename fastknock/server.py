@@ -1,0 +1,213 @@
+"""``fastknockd``: the network-facing knock server (process, sockets, signals, firewall link).
+
+The protocol lives in ``protocol.py`` (sans-I/O) and the transports in ``control.py``; this
+module only wires them to the world: it parses the command line and the config, binds the
+control port(s) dual-stack (one IPv6 socket that also accepts IPv4-mapped peers, or IPv4
+only where the kernel has no IPv6), runs on uvloop when importable (asyncio otherwise),
+forwards firewall requests to fastknockfwd over its Unix socket with the config checksum,
+writes a PID file and stops cleanly on SIGTERM/SIGINT, even with sessions in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+from fastknock import __version__, fwproto
+from fastknock.config import DEFAULT_SERVER_CONFIG, Config, load_config
+from fastknock.control import Controller, Limits, UdpControl
+from fastknock.errors import ConfigError, FastknockError
+from fastknock.message import Operation
+from fastknock.protocol import FirewallRequest, ServerCore, ServerSettings
+
+log = logging.getLogger("fastknockd")
+
+DEFAULT_MAX_SESSIONS = 64
+DEFAULT_MAX_PER_SOURCE = 8
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastknockd",
+        description="The fastknock server: answers knocks on the control port and asks "
+        "fastknockfwd to open the knocked port for the knocking address. Speaks letmein's "
+        "protocol and reads letmein's config format.",
+    )
+    p.add_argument(
+        "-c", "--config", default=DEFAULT_SERVER_CONFIG, metavar="CONF",
+        help=f"server configuration file (default: {DEFAULT_SERVER_CONFIG})",
+    )
+    p.add_argument(
+        "--rundir", default="/run", metavar="DIR",
+        help="runtime directory: fastknockd/ (PID file) and fastknockfwd/ (the firewall "
+        "daemon's socket) live below it (default: /run)",
+    )
+    p.add_argument(
+        "-n", "--num-connections", type=int, default=DEFAULT_MAX_SESSIONS, metavar="N",
+        help=f"maximum concurrent control sessions (default: {DEFAULT_MAX_SESSIONS})",
+    )
+    p.add_argument(
+        "-N", "--num-ip-connections", type=int, default=DEFAULT_MAX_PER_SOURCE, metavar="N",
+        help="maximum concurrent sessions per source: IPv4 address or IPv6 /56 "
+        f"(default: {DEFAULT_MAX_PER_SOURCE})",
+    )
+    p.add_argument("--no-systemd", action="store_true", help="ignore systemd socket activation")
+    p.add_argument(
+        "--seccomp", choices=["off", "log", "kill"], default=None,
+        help="override [GENERAL] seccomp (not enforced yet: see the hardening issue)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (every reject)")
+    p.add_argument("--version", action="version", version=f"fastknockd {__version__}")
+    return p
+
+
+def _bind(port: int, kind: socket.SocketKind) -> socket.socket:
+    """A dual-stack socket on ``port`` (IPv4-only if the kernel lacks IPv6)."""
+    try:
+        sock = socket.socket(socket.AF_INET6, kind)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        addr: tuple = ("::", port)
+    except OSError:
+        sock = socket.socket(socket.AF_INET, kind)
+        addr = ("0.0.0.0", port)
+    try:
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class FwdLink:
+    """The firewall callable for ``Controller``: one fastknockfwd request per lease change."""
+
+    def __init__(self, path: str, checksum: bytes) -> None:
+        self.path = path
+        self.checksum = checksum
+
+    async def __call__(self, request: FirewallRequest, timeout: float) -> bool:
+        op = fwproto.FwOp.INSTALL if request.operation is Operation.KNOCK else fwproto.FwOp.REVOKE
+        req = fwproto.FwRequest(op, request.user, request.resource, request.peer, self.checksum)
+        try:
+            status = await fwproto.request(self.path, req, timeout)
+        except FastknockError as exc:
+            log.warning("firewall: %s", exc)
+            return False
+        if status is not fwproto.FwStatus.ACK:
+            log.warning(
+                "[%s] firewall refused resource %08X for user %08X: %s",
+                request.peer, request.resource, request.user, status.name,
+            )
+            return False
+        return True
+
+
+async def serve(config: Config, args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    core = ServerCore(ServerSettings.from_config(config), os.urandom)
+    controller = Controller(
+        core,
+        FwdLink(fwproto.socket_path(args.rundir), config.checksum),
+        Limits(args.num_connections, args.num_ip_connections),
+    )
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    udp: UdpControl | None = None
+    tcp: asyncio.base_events.Server | None = None
+    if config.port_udp:
+        _, udp = await loop.create_datagram_endpoint(
+            lambda: UdpControl(controller), sock=_bind(config.port, socket.SOCK_DGRAM)
+        )
+    if config.port_tcp:
+        tcp = await asyncio.start_server(
+            controller.handle_tcp, sock=_bind(config.port, socket.SOCK_STREAM), backlog=128
+        )
+    protos = ",".join(p for p, on in (("udp", config.port_udp), ("tcp", config.port_tcp)) if on)
+    log.info(
+        "fastknockd %s listening on port %d/%s (%d users, %d resources, policy %s)",
+        __version__, config.port, protos, len(config.keys), len(config.resources),
+        config.control_error_policy.value,
+    )
+    try:
+        await stop.wait()
+    finally:
+        log.info("fastknockd stopping")
+        if tcp is not None:
+            tcp.close()
+        if udp is not None:
+            udp.close()
+        await controller.close()
+        if tcp is not None:
+            await tcp.wait_closed()
+
+
+def _write_pid(rundir: str) -> str:
+    directory = os.path.join(rundir, "fastknockd")
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    path = os.path.join(directory, "fastknockd.pid")
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    return path
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        log.debug("uvloop not available, using asyncio")
+        asyncio.run(coro)  # type: ignore[arg-type]
+        return
+    uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="fastknockd: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(args.config, role="server")
+    except ConfigError as exc:
+        print(f"fastknockd: {exc}", file=sys.stderr)
+        return 2
+    if config.debug and not args.verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+    if args.num_connections < 1 or args.num_ip_connections < 1:
+        print("fastknockd: -n and -N must be at least 1", file=sys.stderr)
+        return 2
+    seccomp = args.seccomp or config.seccomp.value
+    if seccomp != "off":
+        log.warning("seccomp = %s requested: not enforced by this version yet", seccomp)
+    try:
+        pid_file = _write_pid(args.rundir)
+    except OSError as exc:
+        print(f"fastknockd: cannot write PID file below {args.rundir}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        _run(serve(config, args))
+    except OSError as exc:
+        print(f"fastknockd: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        try:
+            os.unlink(pid_file)
+        except OSError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
