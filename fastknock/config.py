@@ -162,9 +162,7 @@ class _Parser(Checker):
 
     # -- [GENERAL] ----------------------------------------------------------------------
 
-    def general(self, sect: RawSection | None, out: dict[str, object]) -> None:
-        if sect is None:
-            return
+    def general(self, sect: RawSection, out: dict[str, object]) -> None:
         self.known_options(sect, _GENERAL)
         opts = sect.options
         if "debug" in opts:
@@ -206,6 +204,8 @@ class _Parser(Checker):
         for item in split_items(opt, self.source, where):
             if item.key is not None:
                 self.fail(f"{where}: unknown attribute {show(item.key)}", item.line)
+            if item.values == [""]:
+                self.fail(f"{where}: empty item (expected a port number, tcp or udp)", item.line)
             if len(item.values) == 1 and looks_numeric(item.values[0]):
                 if port is not None:
                     self.fail(f"{where}: more than one port number", item.line)
@@ -266,20 +266,16 @@ class _Parser(Checker):
             return None
         return NftablesConfig(**kw)  # type: ignore[arg-type]
 
-    def client(self, sect: RawSection | None) -> int | None:
-        if sect is None:
-            return None
+    def client(self, sect: RawSection) -> int | None:
         self.known_options(sect, _CLIENT)
         opt = sect.options.get("default-user")
         return None if opt is None else self.id(opt.value, "[CLIENT] default-user", opt.line)
 
     # -- [KEYS] -------------------------------------------------------------------------
 
-    def keys(self, sect: RawSection | None) -> dict[int, bytes]:
+    def keys(self, sect: RawSection) -> dict[int, bytes]:
         keys: dict[int, bytes] = {}
         lines: dict[int, int] = {}
-        if sect is None:
-            return keys
         for name, opt in sect.options.items():
             uid = parse_id(name)
             if uid is None:
@@ -316,11 +312,9 @@ class _Parser(Checker):
 
     # -- [RESOURCES] --------------------------------------------------------------------
 
-    def resources(self, sect: RawSection | None) -> dict[int, Resource]:
+    def resources(self, sect: RawSection) -> dict[int, Resource]:
         out: dict[int, Resource] = {}
         lines: dict[int, int] = {}
-        if sect is None:
-            return out
         for name, opt in sect.options.items():
             rid = parse_id(name)
             if rid is None:
@@ -468,16 +462,27 @@ def parse_config(text: str | bytes, source: str = "<string>", role: Role = "serv
             raise ConfigError("file is not valid UTF-8", source, line) from None
     p = _Parser(source, role)
     sections = lex(text, source)
-    for name, sect in sections.items():
-        if name not in _SECTIONS:
+    general: dict[str, object] = {}
+    nftables: NftablesConfig | None = None
+    default_user: int | None = None
+    keys: dict[int, bytes] = {}
+    resources: dict[int, Resource] = {}
+    for name, sect in sections.items():  # file order: the first problem is the one reported
+        if name == "GENERAL":
+            p.general(sect, general)
+        elif name == "NFTABLES":
+            nftables = p.nftables(sect)
+        elif name == "CLIENT":
+            default_user = p.client(sect)
+        elif name == "KEYS":
+            keys = p.keys(sect)
+        elif name == "RESOURCES":
+            resources = p.resources(sect)
+        else:
             known = " ".join(f"[{n}]" for n in _SECTIONS)
             p.fail(f"unknown section {show(f'[{name}]')} (known: {known})", sect.line)
-    general: dict[str, object] = {}
-    p.general(sections.get("GENERAL"), general)
-    nftables = p.nftables(sections.get("NFTABLES"))
-    default_user = p.client(sections.get("CLIENT"))
-    keys = p.keys(sections.get("KEYS"))
-    resources = p.resources(sections.get("RESOURCES"))
+    if "NFTABLES" not in sections:
+        p.nftables(None)  # raises on the server
     return Config(
         source=source,
         checksum=config_checksum(data),
