@@ -4,7 +4,7 @@ every malformed input is a ConfigError that names the file, the line and the pro
 Fuzz invariant (hypothesis tests at the end): any text or bytes -> a Config or a
 ConfigError, never another exception; and no error message ever contains key material.
 
-The letmein fixtures are read from tests/compat/ if present, else /work/shared/compat/
+The letmein fixtures are read from tests/compat/ (or $FASTKNOCK_COMPAT_DIR)
 (override with FASTKNOCK_COMPAT_DIR). Behaviour marked "letmein:" is taken from letmein
 12.x's own unit tests (letmein-conf/src/lib.rs, ini.rs).
 """
@@ -38,13 +38,11 @@ from fastknock.errors import ConfigError
 
 
 def _compat_dir() -> Path:
+    """letmein's own fixtures, copied unmodified into tests/compat/ (see its README.md)."""
     env = os.environ.get("FASTKNOCK_COMPAT_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).parent / "compat", Path("/work/shared/compat")]
-    for path in candidates:
-        if (path / "letmeind.conf").is_file():
-            return path
-    pytest.skip("letmein compat fixtures not found (set FASTKNOCK_COMPAT_DIR)")
+    path = Path(env) if env else Path(__file__).parent / "compat"
+    assert (path / "letmeind.conf").is_file(), f"letmein compat fixtures missing in {path}"
+    return path
 
 
 @pytest.fixture(scope="module")
