@@ -1,0 +1,251 @@
+"""fastknockd's transports in-process, on real loopback sockets, with a fake firewall.
+
+Runs every test on asyncio and on uvloop (the ``loop_factory`` fixture). The end-to-end
+tests with the real daemons and nftables are in test_server_e2e.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from fastknock.client import KnockError, Target, run_session
+from fastknock.config import ErrorPolicy, PortResource
+from fastknock.control import Controller, Limits, UdpControl, source_key
+from fastknock.mac import HmacKey, KeyRing
+from fastknock.message import Operation
+from fastknock.protocol import FirewallRequest, ServerCore, ServerSettings
+
+USER = 0x00000001
+KEY = bytes.fromhex("80E9C81DFA4879B2C64910E1B6870DA42DFB82261B76C859F3A0F5A09DEA2A3D")
+RES = 0x00000022
+
+
+def _loops() -> list[Any]:
+    params: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
+    try:
+        import uvloop
+
+        params.append(pytest.param(uvloop.new_event_loop, id="uvloop"))
+    except ImportError:
+        params.append(pytest.param(None, id="uvloop", marks=pytest.mark.skip("no uvloop")))
+    return params
+
+
+@pytest.fixture(params=_loops())
+def run(request: pytest.FixtureRequest) -> Callable[[Any], Any]:
+    def runner(coro: Any) -> Any:
+        loop = request.param()
+        try:
+            return loop.run_until_complete(coro)
+        finally:
+            loop.close()
+
+    return runner
+
+
+class FakeFirewall:
+    def __init__(self, ok: bool = True, delay: float = 0.0) -> None:
+        self.ok = ok
+        self.delay = delay
+        self.requests: list[FirewallRequest] = []
+
+    async def __call__(self, request: FirewallRequest, timeout: float) -> bool:
+        self.requests.append(request)
+        await asyncio.sleep(self.delay)
+        return self.ok
+
+
+def make_controller(
+    fw: FakeFirewall,
+    policy: ErrorPolicy = ErrorPolicy.ALWAYS,
+    max_sessions: int = 64,
+    per_source: int = 8,
+    timeout: float = 2.0,
+) -> Controller:
+    settings = ServerSettings(
+        keyring=KeyRing({USER: KEY}),
+        resources={RES: PortResource(RES, 22)},
+        control_port=5800,
+        policy=policy,
+        timeout=timeout,
+    )
+    return Controller(ServerCore(settings, os.urandom), fw, Limits(max_sessions, per_source))
+
+
+async def udp_server(controller: Controller) -> tuple[UdpControl, int]:
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_datagram_endpoint(
+        lambda: UdpControl(controller), local_addr=("127.0.0.1", 0)
+    )
+    assert proto.transport is not None
+    return proto, proto.transport.get_extra_info("sockname")[1]
+
+
+async def knock(port: int, udp: bool, op: Operation = Operation.KNOCK, timeout: float = 2.0):
+    target = Target("127.0.0.1", socket.AF_INET, port, udp)
+    await asyncio.get_running_loop().run_in_executor(
+        None, run_session, target, HmacKey(KEY), USER, RES, op, timeout
+    )
+
+
+def test_source_key_groups_ipv6_by_56() -> None:
+    a = source_key(ipaddress.ip_address("2001:db8:0:ff::1"))
+    b = source_key(ipaddress.ip_address("2001:db8:0:1::2"))
+    c = source_key(ipaddress.ip_address("2001:db8:0:100::1"))
+    assert a == b != c
+    assert source_key(ipaddress.ip_address("192.0.2.1")) != source_key(
+        ipaddress.ip_address("192.0.2.2")
+    )
+
+
+def test_limits() -> None:
+    limits = Limits(max_sessions=3, max_per_source=2)
+    a, b, c = (ipaddress.ip_address(f"192.0.2.{i}") for i in (1, 2, 3))
+    assert limits.acquire(a) and limits.acquire(a)
+    assert not limits.acquire(a)  # per source
+    assert limits.acquire(b)
+    assert not limits.acquire(c)  # in all
+    limits.release(a)
+    assert limits.acquire(c)
+    for p in (a, b, c):
+        limits.release(p)
+    assert (limits.total, limits.sources) == (0, 0)
+
+
+@pytest.mark.parametrize("op", [Operation.KNOCK, Operation.REVOKE])
+def test_udp_knock(run: Callable[[Any], Any], op: Operation) -> None:
+    fw = FakeFirewall(delay=0.05)
+
+    async def main() -> None:
+        c = make_controller(fw)
+        proto, port = await udp_server(c)
+        await knock(port, udp=True, op=op)
+        proto.close()
+        assert c.counters["knocked" if op is Operation.KNOCK else "revoked"] == 1
+        assert proto.peers == {} and c.limits.total == 0
+
+    run(main())
+    assert [(r.operation, str(r.peer)) for r in fw.requests] == [(op, "127.0.0.1")]
+
+
+def test_tcp_knock_and_firewall_failure(run: Callable[[Any], Any]) -> None:
+    fw = FakeFirewall()
+
+    async def main() -> None:
+        c = make_controller(fw)
+        server = await asyncio.start_server(c.handle_tcp, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        await knock(port, udp=False)
+        fw.ok = False
+        with pytest.raises(KnockError, match="GOAWAY"):
+            await knock(port, udp=False)
+        server.close()
+        await server.wait_closed()
+        assert c.counters["outcome_ok"] == 1 and c.counters["outcome_firewall"] == 1
+        assert c.limits.total == 0
+
+    run(main())
+
+
+def test_udp_session_times_out_and_frees_its_slot(run: Callable[[Any], Any]) -> None:
+    async def main() -> None:
+        c = make_controller(FakeFirewall(), timeout=0.3)
+        proto, port = await udp_server(c)
+        from fastknock.protocol import ClientSession
+
+        knock_bytes = ClientSession(HmacKey(KEY), USER, RES, Operation.KNOCK, os.urandom).start()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(knock_bytes, ("127.0.0.1", port))
+            await asyncio.sleep(0.1)
+            assert len(proto.peers) == 1 and c.limits.total == 1
+            await asyncio.sleep(0.6)  # no RESPONSE: the session times out
+        assert proto.peers == {} and c.limits.total == 0
+        assert c.counters["outcome_timeout"] == 1
+        proto.close()
+
+    run(main())
+
+
+def test_udp_state_stays_bounded_under_many_source_ports(run: Callable[[Any], Any]) -> None:
+    """A valid KNOCK replayed from 3,000 source ports: never more than the caps in memory."""
+
+    async def main() -> None:
+        c = make_controller(FakeFirewall(), max_sessions=64, per_source=8, timeout=5.0)
+        proto, port = await udp_server(c)
+        from fastknock.protocol import ClientSession
+
+        knock_bytes = ClientSession(HmacKey(KEY), USER, RES, Operation.KNOCK, os.urandom).start()
+        peak = 0
+        for _ in range(3000 // 50):
+            socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(50)]
+            for s in socks:
+                s.sendto(knock_bytes, ("127.0.0.1", port))
+            await asyncio.sleep(0.005)
+            peak = max(peak, len(proto.peers))
+            for s in socks:
+                s.close()
+        await asyncio.sleep(0.05)
+        peak = max(peak, len(proto.peers))
+        assert peak == 8  # one source address: the per-source cap binds
+        assert c.limits.total == len(proto.peers) <= 8
+        assert c.counters["dropped_limits"] > 2500
+        proto.close()
+
+    run(main())
+
+
+def test_udp_junk_creates_no_state_and_stealth_sends_nothing(run: Callable[[Any], Any]) -> None:
+    async def main() -> None:
+        c = make_controller(FakeFirewall(), policy=ErrorPolicy.BASIC_AUTH)
+        proto, port = await udp_server(c)
+        junk = [b"", b"x" * 55, b"x" * 57, b"\0" * 56, os.urandom(56)]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.3)
+            for data in junk:
+                s.sendto(data, ("127.0.0.1", port))
+            await asyncio.sleep(0.1)
+            assert proto.peers == {} and c.limits.total == 0
+            with pytest.raises(socket.timeout):
+                s.recv(100)
+        proto.close()
+
+    run(main())
+
+
+def test_udp_datagrams_queue_while_firewall_works(run: Callable[[Any], Any]) -> None:
+    """Datagrams arriving during the firewall request wait (at most 4) instead of failing."""
+
+    async def main() -> None:
+        fw = FakeFirewall(delay=0.3)
+        c = make_controller(fw)
+        proto, port = await udp_server(c)
+        from fastknock.protocol import ClientSession
+
+        client = ClientSession(HmacKey(KEY), USER, RES, Operation.KNOCK, os.urandom)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            loop = asyncio.get_running_loop()
+            s.connect(("127.0.0.1", port))
+            s.send(client.start())
+            challenge = await loop.sock_recv(s, 100)
+            response = client.receive(challenge).send
+            assert response is not None
+            for _ in range(10):  # the RESPONSE, then 9 more copies while the firewall works
+                s.send(response)
+            await asyncio.sleep(0.1)
+            (state,) = proto.peers.values()
+            assert state.busy and len(state.queue) == 4
+            assert c.counters["dropped_queue"] == 5
+            reply = await asyncio.wait_for(loop.sock_recv(s, 100), 2)
+            assert client.receive(reply).done
+        assert len(fw.requests) == 1
+        proto.close()
+
+    run(main())
