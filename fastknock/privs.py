@@ -1,0 +1,129 @@
+"""Dropping privileges after start-up (the seeds' "relinquish privileges" advice).
+
+- fastknockd needs root only to bind its port and to be started by root: ``drop_to(user,
+  group)`` then switches to the unprivileged account for good: supplementary groups cleared,
+  real/effective/saved gid and uid set, ``PR_SET_NO_NEW_PRIVS``, and a check that no
+  capability is left (``CapEff``/``CapPrm`` of ``/proc/self/status`` are zero).
+- fastknockfwd must stay able to change nftables: ``keep_only_net_admin()`` keeps uid 0 (so it
+  can still read its root-owned config and manage its socket) but shrinks the capability sets
+  and the bounding set to CAP_NET_ADMIN alone, with ``PR_SET_NO_NEW_PRIVS``.
+
+Both are no-ops for a process that does not run as root (e.g. started by systemd with
+``User=`` and socket activation): there is nothing to drop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import grp
+import os
+import pwd
+
+from fastknock.errors import FastknockError
+
+DEFAULT_USER = "fastknock"
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+CAP_NET_ADMIN = 12
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class PrivilegeError(FastknockError):
+    """The account to drop to is missing, or the kernel refused a step."""
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _prctl(option: int, arg: int) -> None:
+    if _libc().prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise PrivilegeError(f"prctl({option}) failed: {os.strerror(err)}")
+
+
+def no_new_privs() -> None:
+    """Neither this process nor anything it could start may ever gain privileges again."""
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def capabilities(pid: int | str = "self") -> dict[str, int]:
+    """CapInh/CapPrm/CapEff/CapBnd/CapAmb of a process, from /proc/<pid>/status."""
+    caps = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Cap"):
+                name, value = line.split(":", 1)
+                caps[name] = int(value.strip(), 16)
+    return caps
+
+
+def lookup(user: str, group: str | None = None) -> tuple[int, int]:
+    """uid and gid of the account; a clear error with the fix when it does not exist."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise PrivilegeError(
+            f"the account {user!r} does not exist; create it with "
+            f"'useradd --system --no-create-home --shell /usr/sbin/nologin {user}' "
+            "(scripts/install.sh does this), or choose another with --user"
+        ) from None
+    gid = pw.pw_gid
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise PrivilegeError(f"the group {group!r} does not exist") from None
+    return pw.pw_uid, gid
+
+
+def drop_to(user: str, group: str | None = None) -> bool:
+    """Become ``user``:``group`` for good if running as root. Returns True if it dropped."""
+    if os.geteuid() != 0:
+        return False
+    uid, gid = lookup(user, group)
+    if uid == 0:
+        raise PrivilegeError(f"refusing to 'drop' to {user!r}: it is root")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    no_new_privs()
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise PrivilegeError("privilege drop did not take effect")
+    caps = capabilities()
+    if caps.get("CapEff", 1) or caps.get("CapPrm", 1):
+        raise PrivilegeError("capabilities remain after dropping privileges")
+    return True
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def keep_only_net_admin() -> bool:
+    """As root: keep CAP_NET_ADMIN only (bounding, permitted, effective). True if done."""
+    if os.geteuid() != 0:
+        return False
+    last_cap = int(open("/proc/sys/kernel/cap_last_cap").read())
+    for cap in range(last_cap + 1):
+        if cap != CAP_NET_ADMIN:
+            _prctl(PR_CAPBSET_DROP, cap)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    data[0].effective = data[0].permitted = 1 << CAP_NET_ADMIN
+    if _libc().capset(ctypes.byref(header), data) != 0:
+        raise PrivilegeError(f"capset failed: {os.strerror(ctypes.get_errno())}")
+    no_new_privs()
+    caps = capabilities()
+    if caps["CapEff"] != 1 << CAP_NET_ADMIN or caps["CapBnd"] != 1 << CAP_NET_ADMIN:
+        raise PrivilegeError("capabilities other than CAP_NET_ADMIN remain")
+    return True
