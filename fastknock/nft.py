@@ -1,0 +1,483 @@
+"""The nftables layer of fastknockfwd: runners, the lease representation, transactions.
+
+Representation
+--------------
+*Port leases live in named kernel sets, not in rules.* In the configured family/table the
+daemon keeps (creating them if missing) four sets with ``flags timeout``::
+
+    fastknock_tcp4, fastknock_udp4   type ipv4_addr . inet_service   (family inet or ip)
+    fastknock_tcp6, fastknock_udp6   type ipv6_addr . inet_service   (family inet or ip6)
+
+and one static rule per set in ``chain-input``, e.g.
+``ip saddr . tcp dport @fastknock_tcp4 accept comment "fastknock:tcp4"``, plus the
+control-port rules (``tcp dport 5800 accept comment "fastknock:control-tcp:5800"``), as
+letmein opens its control port. A knock adds the element ``ADDR . PORT timeout Ns``; the
+kernel expires it, so leases need no daemon-side timer and survive daemon restarts. A
+re-knock refreshes the timeout with ``add; delete; add`` in one transaction (portable: an
+``add`` of an existing element does not refresh its timeout on every kernel, and a bare
+``delete`` of a missing element fails the transaction). A revoke is ``add; delete``, so a
+revoke of a lease that does not exist succeeds (ACK): the requested end state holds.
+Many leases are one set lookup per packet instead of a linear rule list, and a batch of
+N leases is three commands per set, whatever N is.
+
+*Jump leases are per-lease rules with a daemon-tracked expiry*, like letmein's:
+``[ip|ip6 saddr ADDR] jump TARGET comment "fastknock:jump:RES:HOOK:ADDR|any:DEADLINE"``
+in chain-input/-forward/-output (``*-match: saddr`` matches the knocking address in
+every chain, letmein's rendering; without it the rule is shared by all knockers). A set
+cannot express the unmatched ``jump`` (no packet key to look up), and jump resources are
+rare, so one simple mechanism serves both cases. DEADLINE is a Unix time, so a restarted
+daemon finds the rules, counts them and removes them when they are due. While the daemon
+is stopped, jump leases do not expire; port leases do.
+
+Static rules are found by their ``fastknock:`` comment, so restarts never duplicate them;
+rules without that comment are never touched. The daemon never flushes anything.
+
+Flushing leases (admin): ``nft flush set inet filter fastknock_tcp4`` (and the other three
+sets) drops every port lease at once; jump leases are removed with
+``nft -a list chain inet filter LETMEIN-INPUT`` and ``nft delete rule ... handle N`` for
+rules whose comment starts with ``fastknock:jump:`` (or flush the chain: a running daemon
+re-creates its static rules at its next start). ``fastknockfwd --list`` shows the leases.
+
+Runners
+-------
+``LibNftables`` talks to the kernel in-process through ``libnftables.so.1`` (ctypes; native
+syntax in, JSON out for listings). ``NftExe`` runs ``[NFTABLES] exe -f -`` (listings:
+``exe -j list ...``) as the fallback. Both implement ``Runner.run(commands, json_output)``;
+one call is one nftables transaction.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import json
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastknock.config import NftablesConfig
+from fastknock.errors import FirewallError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+SET_PREFIX = "fastknock_"
+COMMENT_PREFIX = "fastknock:"
+JUMP_PREFIX = "fastknock:jump:"
+HOOKS = ("input", "forward", "output")
+_NAME_RE = re.compile(r"^[A-Za-z_.][A-Za-z0-9/_.-]{0,255}$")
+
+
+# --- runners --------------------------------------------------------------------------------
+
+
+class Runner(Protocol):
+    name: str
+
+    def run(self, commands: str, json_output: bool = False) -> str:
+        """Run ``commands`` (native nft syntax) as one transaction; FirewallError on error."""
+        ...
+
+
+class LibNftables:
+    """In-process runner on libnftables (ctypes). Thread-safe: one call at a time."""
+
+    name = "libnftables"
+    _JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
+
+    def __init__(self, soname: str = "libnftables.so.1") -> None:
+        try:
+            lib = ctypes.CDLL(soname)
+        except OSError as exc:
+            raise FirewallError(f"cannot load {soname}: {exc}") from exc
+        vp = ctypes.c_void_p
+        lib.nft_ctx_new.restype = vp
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_free.argtypes = [vp]
+        lib.nft_ctx_buffer_output.argtypes = [vp]
+        lib.nft_ctx_buffer_error.argtypes = [vp]
+        lib.nft_ctx_output_set_flags.argtypes = [vp, ctypes.c_uint]
+        lib.nft_run_cmd_from_buffer.argtypes = [vp, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        lib.nft_ctx_get_output_buffer.argtypes = [vp]
+        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_error_buffer.argtypes = [vp]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        ctx = lib.nft_ctx_new(0)
+        if not ctx:
+            raise FirewallError("nft_ctx_new failed")
+        if lib.nft_ctx_buffer_output(ctx) or lib.nft_ctx_buffer_error(ctx):
+            lib.nft_ctx_free(ctx)
+            raise FirewallError("cannot buffer libnftables output")
+        self._lib = lib
+        self._ctx: int | None = ctx
+        self._lock = threading.Lock()
+
+    def run(self, commands: str, json_output: bool = False) -> str:
+        with self._lock:
+            if self._ctx is None:
+                raise FirewallError("libnftables context is closed")
+            self._lib.nft_ctx_output_set_flags(self._ctx, self._JSON if json_output else 0)
+            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, commands.encode())
+            out = self._lib.nft_ctx_get_output_buffer(self._ctx) or b""
+            err = self._lib.nft_ctx_get_error_buffer(self._ctx) or b""
+        if rc != 0:
+            raise FirewallError("nftables: " + (err.decode(errors="replace").strip() or "error"))
+        return str(out.decode(errors="replace"))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ctx is not None:
+                self._lib.nft_ctx_free(self._ctx)
+                self._ctx = None
+
+
+class NftExe:
+    """Fallback runner: one ``nft -f -`` process per call (``-j`` for JSON output)."""
+
+    name = "nft-exe"
+
+    def __init__(self, exe: str = "nft", timeout: float = 30.0) -> None:
+        self.exe = exe
+        self.timeout = timeout
+
+    def run(self, commands: str, json_output: bool = False) -> str:
+        if json_output:
+            # nft 1.0.6 prints nothing for ``-j -f -`` with native input: pass argv instead.
+            if "\n" in commands.strip() or '"' in commands:
+                raise FirewallError("JSON output: one simple command per call")
+            argv, stdin = [self.exe, "-j", *commands.split()], None
+        else:
+            argv, stdin = [self.exe, "-f", "-"], commands
+        try:
+            proc = subprocess.run(
+                argv, input=stdin, capture_output=True, text=True, timeout=self.timeout
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise FirewallError(f"cannot run {self.exe}: {exc}") from exc
+        if proc.returncode != 0:
+            raise FirewallError(f"{self.exe}: " + (proc.stderr.strip() or f"rc={proc.returncode}"))
+        return proc.stdout
+
+
+def make_runner(exe: str = "nft", prefer_lib: bool = True) -> Runner:
+    """libnftables if it loads (and is preferred), else the ``exe`` runner."""
+    if prefer_lib:
+        try:
+            return LibNftables()
+        except FirewallError:
+            pass
+    return NftExe(exe)
+
+
+# --- leases ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PortLease:
+    addr: IPAddress
+    proto: str  # "tcp" | "udp"
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class JumpLease:
+    resource: int
+    hook: str  # "input" | "forward" | "output"
+    target: str
+    addr: IPAddress | None  # None: no saddr match (shared by every knocker)
+
+
+LeaseKey = PortLease | JumpLease
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    key: LeaseKey
+    install: bool
+    timeout: int = 0  # seconds; installs only
+
+
+@dataclass(frozen=True, slots=True)
+class LiveLease:
+    key: LeaseKey
+    remaining: float | None  # seconds; None: no timeout (added by hand)
+
+
+@dataclass
+class Stats:
+    transactions: int = 0  # nftables transactions run for lease changes
+    changes: int = 0  # lease changes submitted
+    failed_transactions: int = 0
+    fallbacks: int = 0  # failed batches re-applied one by one
+
+
+def _ipfam(addr: IPAddress) -> str:
+    return "ip" if addr.version == 4 else "ip6"
+
+
+class Firewall:
+    """Lease operations on one configured nftables family/table. Not async, not threaded:
+    the daemon serialises calls (one worker thread)."""
+
+    def __init__(
+        self,
+        cfg: NftablesConfig,
+        runner: Runner,
+        control_port: int | None = None,
+        control_tcp: bool = True,
+        control_udp: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if cfg.family not in ("inet", "ip", "ip6"):
+            raise FirewallError(f"unknown nftables family {cfg.family!r}")
+        for name in (cfg.table, cfg.chain_input, cfg.chain_forward, cfg.chain_output):
+            if name is not None and not _NAME_RE.match(name):
+                raise FirewallError(f"unsupported nftables name {name!r}")
+        self.cfg = cfg
+        self.runner = runner
+        self.clock = clock
+        self.stats = Stats()
+        self.versions = {"inet": (4, 6), "ip": (4,), "ip6": (6,)}[cfg.family]
+        self.chains = {"input": cfg.chain_input, "forward": cfg.chain_forward}
+        self.chains["output"] = cfg.chain_output
+        self.control = [
+            (proto, control_port)
+            for proto, on in (("tcp", control_tcp), ("udp", control_udp))
+            if on and control_port
+        ]
+        self._where = f"{cfg.family} {cfg.table}"
+
+    # -- names --
+
+    def set_name(self, proto: str, version: int) -> str:
+        return f"{SET_PREFIX}{proto}{version}"
+
+    def supports(self, addr: IPAddress) -> bool:
+        return addr.version in self.versions
+
+    # -- start-up --
+
+    def check(self) -> None:
+        """Raise FirewallError naming what is missing if the table or a chain is absent."""
+        for hook, chain in self.chains.items():
+            if chain is None:
+                continue
+            try:
+                self.runner.run(f"list chain {self._where} {chain}")
+            except FirewallError as exc:
+                raise FirewallError(
+                    f"nftables chain {self._where} {chain} (chain-{hook}) is missing: {exc}"
+                ) from exc
+
+    def static_rules(self) -> dict[str, str]:
+        """Comment -> rule text of every static rule the daemon keeps in chain-input."""
+        rules: dict[str, str] = {}
+        for proto, port in self.control:
+            rules[f"{COMMENT_PREFIX}control-{proto}:{port}"] = f"{proto} dport {port} accept"
+        for version in self.versions:
+            for proto in ("tcp", "udp"):
+                name = self.set_name(proto, version)
+                ipf = "ip" if version == 4 else "ip6"
+                rules[f"{COMMENT_PREFIX}{proto}{version}"] = (
+                    f"{ipf} saddr . {proto} dport @{name} accept"
+                )
+        return rules
+
+    def setup(self) -> None:
+        """Create missing sets and static rules; drop stale or duplicated own static rules."""
+        self.check()
+        cmds = []
+        for version in self.versions:
+            typ = "ipv4_addr" if version == 4 else "ipv6_addr"
+            for proto in ("tcp", "udp"):
+                cmds.append(
+                    f"add set {self._where} {self.set_name(proto, version)} "
+                    f"{{ type {typ} . inet_service; flags timeout; }}"
+                )
+        wanted = self.static_rules()
+        seen: set[str] = set()
+        chain = self.cfg.chain_input
+        for comment, handle in self._own_rules(chain):
+            if comment.startswith(JUMP_PREFIX):
+                continue
+            if comment in wanted and comment not in seen:
+                seen.add(comment)
+            else:
+                cmds.append(f"delete rule {self._where} {chain} handle {handle}")
+        for comment, rule in wanted.items():
+            if comment not in seen:
+                cmds.append(f'add rule {self._where} {chain} {rule} comment "{comment}"')
+        self.runner.run("\n".join(cmds))
+
+    # -- reading the kernel --
+
+    def _json(self, command: str) -> list[dict[str, Any]]:
+        out = self.runner.run(command, json_output=True)
+        try:
+            items = json.loads(out)["nftables"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FirewallError(f"cannot parse nft JSON output of {command!r}") from exc
+        return [item for item in items if isinstance(item, dict)]
+
+    def _own_rules(self, chain: str) -> list[tuple[str, int]]:
+        """(comment, handle) of the rules with a fastknock comment in ``chain``."""
+        found = []
+        for item in self._json(f"list chain {self._where} {chain}"):
+            rule = item.get("rule")
+            if isinstance(rule, dict):
+                comment = rule.get("comment")
+                if isinstance(comment, str) and comment.startswith(COMMENT_PREFIX):
+                    found.append((comment, int(rule["handle"])))
+        return found
+
+    def scan(self) -> list[LiveLease]:
+        """Every live lease in the kernel: set elements and per-lease jump rules."""
+        leases: list[LiveLease] = []
+        for version in self.versions:
+            for proto in ("tcp", "udp"):
+                name = self.set_name(proto, version)
+                for item in self._json(f"list set {self._where} {name}"):
+                    body = item.get("set")
+                    if isinstance(body, dict):
+                        leases.extend(_set_leases(body.get("elem", ()), proto))
+        now = self.clock()
+        for lease, deadline in self._jump_rules().values():
+            leases.append(LiveLease(lease, max(0.0, deadline - now)))
+        return leases
+
+    def _jump_rules(self) -> dict[str, tuple[JumpLease, float]]:
+        """Jump lease rules by '<chain> handle <n>'."""
+        rules = {}
+        for hook, chain in self.chains.items():
+            if chain is None:
+                continue
+            for comment, handle in self._own_rules(chain):
+                parsed = parse_jump_comment(comment)
+                if parsed is not None and parsed[0].hook == hook:
+                    rules[f"{chain} handle {handle}"] = parsed
+        return rules
+
+    # -- changing the kernel --
+
+    def apply(self, changes: list[Change]) -> list[str | None]:
+        """Apply ``changes`` (one per lease key) as one transaction. Returns, per change,
+        None or the error. If the transaction fails, each change is retried alone."""
+        self.stats.changes += len(changes)
+        if not changes:
+            return []
+        handles = self._handles(changes)
+        try:
+            self._transact(changes, handles)
+            return [None] * len(changes)
+        except FirewallError as exc:
+            if len(changes) == 1:
+                return [str(exc)]
+        self.stats.fallbacks += 1
+        results: list[str | None] = []
+        for change in changes:
+            try:
+                self._transact([change], handles)
+                results.append(None)
+            except FirewallError as exc:
+                results.append(str(exc))
+        return results
+
+    def _handles(self, changes: list[Change]) -> dict[JumpLease, list[str]]:
+        handles: dict[JumpLease, list[str]] = {}
+        if any(isinstance(c.key, JumpLease) for c in changes):
+            for ref, (lease, _deadline) in self._jump_rules().items():
+                handles.setdefault(lease, []).append(ref)
+        return handles
+
+    def _transact(self, changes: list[Change], handles: dict[JumpLease, list[str]]) -> None:
+        cmds = self.commands(changes, handles)
+        if not cmds:
+            return
+        self.stats.transactions += 1
+        try:
+            self.runner.run("\n".join(cmds))
+        except FirewallError:
+            self.stats.failed_transactions += 1
+            raise
+
+    def commands(self, changes: Iterable[Change], handles: dict[JumpLease, list[str]]) -> list[str]:
+        """The nft commands for ``changes``: three per touched set, plus the jump rules."""
+        touched: dict[str, list[str]] = {}
+        fresh: dict[str, list[str]] = {}
+        jumps: list[str] = []
+        now = self.clock()
+        for change in changes:
+            key = change.key
+            if isinstance(key, PortLease):
+                if not self.supports(key.addr):
+                    raise FirewallError(f"{key.addr} is not in nftables family {self.cfg.family}")
+                name = self.set_name(key.proto, key.addr.version)
+                elem = f"{key.addr} . {key.port}"
+                touched.setdefault(name, []).append(elem)
+                if change.install:
+                    fresh.setdefault(name, []).append(f"{elem} timeout {change.timeout}s")
+                continue
+            chain = self.chains[key.hook]
+            if chain is None:
+                raise FirewallError(f"no chain-{key.hook} configured for jump {key.target}")
+            for ref in handles.get(key, ()):
+                jumps.append(f"delete rule {self._where} {ref}")
+            if change.install:
+                comment = jump_comment(key, int(now + change.timeout + 0.999))
+                match = "" if key.addr is None else f"{_ipfam(key.addr)} saddr {key.addr} "
+                jumps.append(
+                    f'add rule {self._where} {chain} {match}jump {key.target} comment "{comment}"'
+                )
+        cmds = []
+        for name, elems in touched.items():
+            # add (no-op if present) + delete: works whether or not the element exists.
+            cmds.append(f"add element {self._where} {name} {{ {', '.join(elems)} }}")
+            cmds.append(f"delete element {self._where} {name} {{ {', '.join(elems)} }}")
+            if name in fresh:
+                cmds.append(f"add element {self._where} {name} {{ {', '.join(fresh[name])} }}")
+        return cmds + jumps
+
+
+def jump_comment(lease: JumpLease, deadline: int) -> str:
+    addr = "any" if lease.addr is None else str(lease.addr)
+    return f"{JUMP_PREFIX}{lease.resource:08x}:{lease.hook}:{lease.target}:{addr}:{deadline}"
+
+
+def parse_jump_comment(comment: str) -> tuple[JumpLease, float] | None:
+    """Inverse of ``jump_comment``; None if ``comment`` is not one of ours."""
+    if not comment.startswith(JUMP_PREFIX):
+        return None
+    try:
+        res, hook, target, rest = comment[len(JUMP_PREFIX) :].split(":", 3)
+        addr_text, deadline = rest.rsplit(":", 1)
+        addr = None if addr_text == "any" else ipaddress.ip_address(addr_text)
+        if hook not in HOOKS:
+            return None
+        return JumpLease(int(res, 16), hook, target, addr), float(int(deadline))
+    except ValueError:
+        return None
+
+
+def _set_leases(elems: Any, proto: str) -> list[LiveLease]:
+    leases = []
+    for item in elems if isinstance(elems, list) else ():
+        remaining: float | None = None
+        val = item
+        if isinstance(item, dict) and "elem" in item:
+            body = item["elem"]
+            val = body.get("val")
+            if "expires" in body:
+                remaining = float(body["expires"])
+            elif "timeout" in body:
+                remaining = float(body["timeout"])
+        try:
+            addr_text, port = val["concat"]
+            key = PortLease(ipaddress.ip_address(addr_text), proto, int(port))
+        except (TypeError, KeyError, ValueError):
+            continue
+        leases.append(LiveLease(key, remaining))
+    return leases
