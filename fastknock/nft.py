@@ -323,6 +323,13 @@ class Firewall:
             raise FirewallError(f"cannot parse nft JSON output of {command!r}") from exc
         return [item for item in items if isinstance(item, dict)]
 
+    def _exists(self, what: str) -> bool:
+        try:
+            self.runner.run(f"list {what}")
+            return True
+        except FirewallError:
+            return False
+
     def _own_rules(self, chain: str) -> list[tuple[str, int]]:
         """(comment, handle) of the rules with a fastknock comment in ``chain``."""
         found = []
@@ -340,7 +347,13 @@ class Firewall:
         for version in self.versions:
             for proto in ("tcp", "udp"):
                 name = self.set_name(proto, version)
-                for item in self._json(f"list set {self._where} {name}"):
+                try:
+                    items = self._json(f"list set {self._where} {name}")
+                except FirewallError:
+                    if self._exists(f"set {self._where} {name}"):
+                        raise
+                    continue  # not created yet (the daemon never ran): no leases
+                for item in items:
                     body = item.get("set")
                     if isinstance(body, dict):
                         leases.extend(_set_leases(body.get("elem", ()), proto))
