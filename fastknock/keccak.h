@@ -28,6 +28,7 @@
 #define FK_SHA3_256_RATE 136 /* bytes: (1600 - 2 * 256) / 8 */
 #define FK_SHA3_256_RATE_LANES 17
 #define FK_SHA3_256_DIGEST 32
+#define FK_SHA3_PAD_LAST UINT64_C(0x8000000000000000) /* 0x80 in byte 7 of a lane */
 
 #define FK_ROL64(a, n) (((a) << (n)) | ((a) >> (64 - (n))))
 
@@ -36,6 +37,15 @@ static inline uint64_t fk_load64le(const unsigned char *p) {
     memcpy(&v, p, 8);
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
     v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+static inline uint32_t fk_load32le(const unsigned char *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap32(v);
 #endif
     return v;
 }
@@ -128,6 +138,52 @@ static inline void fk_store64le(unsigned char *p, uint64_t v) {
         E##so = B3 ^ (B4 | B0);                                                            \
     } while (0)
 
+/*
+ * The last round restricted to plane b (lanes 0..4) of the output: theta still needs
+ * every lane, but rho/pi/chi/iota only for the four lanes a 256-bit digest reads.
+ * Writes the plain (uncomplemented) lanes 0..3 to out.
+ */
+#define FK_KECCAK_LAST_ROUND_OUT4(rc, A, out)                                              \
+    do {                                                                                   \
+        uint64_t Ca, Ce, Ci, Co, Cu, Da, De, Di, Do, Du;                                   \
+        uint64_t B0, B1, B2, B3, B4;                                                       \
+        Ca = A##ba ^ A##ga ^ A##ka ^ A##ma ^ A##sa;                                        \
+        Ce = A##be ^ A##ge ^ A##ke ^ A##me ^ A##se;                                        \
+        Ci = A##bi ^ A##gi ^ A##ki ^ A##mi ^ A##si;                                        \
+        Co = A##bo ^ A##go ^ A##ko ^ A##mo ^ A##so;                                        \
+        Cu = A##bu ^ A##gu ^ A##ku ^ A##mu ^ A##su;                                        \
+        Da = Cu ^ FK_ROL64(Ce, 1);                                                         \
+        De = Ca ^ FK_ROL64(Ci, 1);                                                         \
+        Di = Ce ^ FK_ROL64(Co, 1);                                                         \
+        Do = Ci ^ FK_ROL64(Cu, 1);                                                         \
+        Du = Co ^ FK_ROL64(Ca, 1);                                                         \
+        B0 = A##ba ^ Da;                                                                   \
+        B1 = A##ge ^ De; B1 = FK_ROL64(B1, 44);                                            \
+        B2 = A##ki ^ Di; B2 = FK_ROL64(B2, 43);                                            \
+        B3 = A##mo ^ Do; B3 = FK_ROL64(B3, 21);                                            \
+        B4 = A##su ^ Du; B4 = FK_ROL64(B4, 14);                                            \
+        (out)[0] = B0 ^ (B1 | B2) ^ (rc);                                                  \
+        (out)[1] = ~(B1 ^ ((~B2) | B3));                                                   \
+        (out)[2] = ~(B2 ^ (B3 & B4));                                                      \
+        (out)[3] = B3 ^ (B4 | B0);                                                         \
+    } while (0)
+
+#define FK_KECCAK_DECLARE_LANES                                                            \
+    uint64_t Aba, Abe, Abi, Abo, Abu, Aga, Age, Agi, Ago, Agu, Aka, Ake, Aki, Ako, Aku;    \
+    uint64_t Ama, Ame, Ami, Amo, Amu, Asa, Ase, Asi, Aso, Asu;                             \
+    uint64_t Eba, Ebe, Ebi, Ebo, Ebu, Ega, Ege, Egi, Ego, Egu, Eka, Eke, Eki, Eko, Eku;    \
+    uint64_t Ema, Eme, Emi, Emo, Emu, Esa, Ese, Esi, Eso, Esu
+
+/* Load a plain state into the A lanes, complementing the "bebigokimisa" lanes. */
+#define FK_KECCAK_LOAD(st)                                                                 \
+    do {                                                                                   \
+        Aba = (st)[0];   Abe = ~(st)[1];  Abi = ~(st)[2];  Abo = (st)[3];   Abu = (st)[4];  \
+        Aga = (st)[5];   Age = (st)[6];   Agi = (st)[7];   Ago = ~(st)[8];  Agu = (st)[9];  \
+        Aka = (st)[10];  Ake = (st)[11];  Aki = ~(st)[12]; Ako = (st)[13];  Aku = (st)[14]; \
+        Ama = (st)[15];  Ame = (st)[16];  Ami = ~(st)[17]; Amo = (st)[18];  Amu = (st)[19]; \
+        Asa = ~(st)[20]; Ase = (st)[21];  Asi = (st)[22];  Aso = (st)[23];  Asu = (st)[24]; \
+    } while (0)
+
 static const uint64_t fk_keccak_rc[24] = {
     UINT64_C(0x0000000000000001), UINT64_C(0x0000000000008082), UINT64_C(0x800000000000808A),
     UINT64_C(0x8000000080008000), UINT64_C(0x000000000000808B), UINT64_C(0x0000000080000001),
@@ -141,16 +197,8 @@ static const uint64_t fk_keccak_rc[24] = {
 
 /* The permutation, in place, on a plain (uncomplemented) state. */
 static inline void fk_keccakf1600(uint64_t st[25]) {
-    uint64_t Aba, Abe, Abi, Abo, Abu, Aga, Age, Agi, Ago, Agu, Aka, Ake, Aki, Ako, Aku;
-    uint64_t Ama, Ame, Ami, Amo, Amu, Asa, Ase, Asi, Aso, Asu;
-    uint64_t Eba, Ebe, Ebi, Ebo, Ebu, Ega, Ege, Egi, Ego, Egu, Eka, Eke, Eki, Eko, Eku;
-    uint64_t Ema, Eme, Emi, Emo, Emu, Esa, Ese, Esi, Eso, Esu;
-
-    Aba = st[0];   Abe = ~st[1];  Abi = ~st[2];  Abo = st[3];   Abu = st[4];
-    Aga = st[5];   Age = st[6];   Agi = st[7];   Ago = ~st[8];  Agu = st[9];
-    Aka = st[10];  Ake = st[11];  Aki = ~st[12]; Ako = st[13];  Aku = st[14];
-    Ama = st[15];  Ame = st[16];  Ami = ~st[17]; Amo = st[18];  Amu = st[19];
-    Asa = ~st[20]; Ase = st[21];  Asi = st[22];  Aso = st[23];  Asu = st[24];
+    FK_KECCAK_DECLARE_LANES;
+    FK_KECCAK_LOAD(st);
 
     /* Two rounds per iteration so the lane sets swap back each time. A loop of 12 beats
      * a full 24-round unroll here (~25% on x86-64): the unrolled body overflows the
@@ -165,6 +213,64 @@ static inline void fk_keccakf1600(uint64_t st[25]) {
     st[10] = Aka;  st[11] = Ake;  st[12] = ~Aki; st[13] = Ako;  st[14] = Aku;
     st[15] = Ama;  st[16] = Ame;  st[17] = ~Ami; st[18] = Amo;  st[19] = Amu;
     st[20] = ~Asa; st[21] = Ase;  st[22] = Asi;  st[23] = Aso;  st[24] = Asu;
+}
+
+/*
+ * Keccak-f[1600] of st, writing only lanes 0..3 (a SHA3-256 digest, as lanes) to out;
+ * st is not modified. The last round computes just those lanes.
+ */
+static inline void fk_keccakf1600_out4(const uint64_t st[25], uint64_t out[4]) {
+    FK_KECCAK_DECLARE_LANES;
+    FK_KECCAK_LOAD(st);
+    for (int i = 0; i < 22; i += 2) {
+        FK_KECCAK_ROUND(fk_keccak_rc[i], A, E);
+        FK_KECCAK_ROUND(fk_keccak_rc[i + 1], E, A);
+    }
+    FK_KECCAK_ROUND(fk_keccak_rc[22], A, E);
+    FK_KECCAK_LAST_ROUND_OUT4(fk_keccak_rc[23], E, out);
+}
+
+/* Zero memory that held secret-equivalent state; the barrier keeps the compiler from
+ * eliding the memset of a buffer that is dead afterwards. */
+static inline void fk_secure_zero(void *p, size_t n) {
+    memset(p, 0, n);
+#if defined(__GNUC__) || defined(__clang__)
+    __asm__ __volatile__("" : : "r"(p) : "memory");
+#else
+    {
+        volatile unsigned char *v = (volatile unsigned char *)p;
+        while (n--) *v++ = 0;
+    }
+#endif
+}
+
+/* XOR one full 136-byte block into the rate (17 lanes) of the state. */
+static inline void fk_sha3_256_xor_block(uint64_t st[25], const unsigned char *p) {
+    for (int i = 0; i < FK_SHA3_256_RATE_LANES; i++) st[i] ^= fk_load64le(p + 8 * i);
+}
+
+/* Absorb n bytes into a state that sits on a block boundary, then the SHA3 padding
+ * (domain bits 01, pad10*1: 0x06 ... 0x80) and the final permutation. */
+static inline void fk_sha3_256_absorb_final(uint64_t st[25], const unsigned char *p, size_t n) {
+    unsigned char last[FK_SHA3_256_RATE];
+    while (n >= FK_SHA3_256_RATE) {
+        fk_sha3_256_xor_block(st, p);
+        fk_keccakf1600(st);
+        p += FK_SHA3_256_RATE;
+        n -= FK_SHA3_256_RATE;
+    }
+    memset(last, 0, sizeof(last));
+    if (n) memcpy(last, p, n);
+    last[n] ^= 0x06;
+    last[FK_SHA3_256_RATE - 1] ^= 0x80;
+    fk_sha3_256_xor_block(st, last);
+    fk_keccakf1600(st);
+    fk_secure_zero(last, sizeof(last));
+}
+
+/* The 32-byte digest: the first four lanes, little-endian. */
+static inline void fk_sha3_256_squeeze(const uint64_t st[4], unsigned char out[32]) {
+    for (int i = 0; i < 4; i++) fk_store64le(out + 8 * i, st[i]);
 }
 
 #endif /* FASTKNOCK_KECCAK_H */

@@ -1,0 +1,47 @@
+# C-level API of fastknock._hmac, for `cimport` by other extensions (the recvmmsg receive
+# path). Every entry here is nogil and never raises; the caller owns the buffers.
+from libc.stdint cimport uint32_t, uint64_t
+
+
+cdef extern from "keccak.h":
+    void fk_keccakf1600(uint64_t st[25]) nogil
+    void fk_secure_zero(void *p, size_t n) nogil
+
+
+# One key's HMAC-SHA3-256 states after absorbing (key ^ ipad) and (key ^ opad).
+ctypedef struct hmac_state:
+    uint64_t inner[25]
+    uint64_t outer[25]
+
+
+cdef class HmacKey:
+    cdef hmac_state st
+
+    # AUTH over head (20 bytes: OPERATION || USER || RESOURCE || SALT, i.e. bytes 4..24
+    # of a message) and a 32-byte challenge token, written to out (32 bytes).
+    cdef void sign_raw(self, const unsigned char *head, const unsigned char *challenge,
+                       unsigned char *out) noexcept nogil
+    # Constant-time: 1 if auth (32 bytes) is the AUTH of head and challenge, else 0.
+    cdef bint verify_raw(self, const unsigned char *head, const unsigned char *challenge,
+                         const unsigned char *auth) noexcept nogil
+
+
+cdef class KeyRing:
+    cdef Py_ssize_t n
+    cdef uint32_t *ids  # sorted ascending, n entries
+    cdef const hmac_state **states  # states[i] belongs to ids[i]; owned by keys[i]
+    cdef list keys  # the HmacKey objects, keeping the states alive
+    cdef tuple users  # the ids as int objects, same order (reused in returned Messages)
+
+    # Index of user in ids, or -1. Binary search.
+    cdef Py_ssize_t index(self, uint32_t user) noexcept nogil
+    # The key state of user, or NULL.
+    cdef const hmac_state *lookup(self, uint32_t user) noexcept nogil
+    # The fused check of one datagram (data, n bytes) that starts a session: returns a
+    # fastknock.message.Reason code (REASON_* in _wire.pxd); REASON_OK means size,
+    # magic, operation (a bit in allowed_ops), user and AUTH (zero challenge) are good.
+    cdef int check_raw(self, const unsigned char *data, Py_ssize_t n,
+                       unsigned int allowed_ops) noexcept nogil
+    # check_raw that also stores the user's index (into ids/keys/users) on success.
+    cdef int check_index(self, const unsigned char *data, Py_ssize_t n,
+                         unsigned int allowed_ops, Py_ssize_t *index) noexcept nogil
