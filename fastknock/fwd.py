@@ -282,6 +282,10 @@ class Daemon:
             if not self.peer.permits(uid, gid):
                 log.warning("refused peer pid=%d uid=%d gid=%d: not permitted", pid, uid, gid)
                 self.counts["refused_peers"] += 1
+                try:  # read the request first, so the peer sees the reply, not EPIPE
+                    await asyncio.wait_for(reader.readexactly(fwproto.REQUEST_SIZE), 1.0)
+                except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
+                    pass
                 await self._reply(writer, FwStatus.NOT_PERMITTED)
                 return
             try:
