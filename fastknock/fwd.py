@@ -350,6 +350,20 @@ def _sd_notify(message: str) -> None:
             log.warning("sd_notify failed: %s", exc)
 
 
+def _running_instance(pidfile: str) -> int | None:
+    """The PID in ``pidfile`` if that process is alive and is a fastknockfwd."""
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (OSError, ValueError):
+        return None
+    if pid != os.getpid() and (b"fastknock.fwd" in cmdline or b"fastknockfwd" in cmdline):
+        return pid
+    return None
+
+
 def list_leases(fw: Firewall, out: object = sys.stdout) -> int:
     rows = []
     for lease in sorted(fw.scan(), key=lambda x: str(x.key)):
@@ -378,6 +392,10 @@ async def _serve(args: argparse.Namespace, cfg: Config, fw: Firewall, peer: Peer
     os.chmod(rundir, 0o750)  # noqa: S103 -- group: the server account, like letmein
     path = fwproto.socket_path(args.rundir)
     pidfile = fwproto.pid_path(args.rundir)
+    other = _running_instance(pidfile)
+    if other is not None:
+        log.error("fastknockfwd is already running with pid %d (%s)", other, pidfile)
+        return 1
     if os.path.exists(path):
         os.unlink(path)  # stale socket of a killed instance
     server = await asyncio.start_unix_server(daemon.serve_conn, path, backlog=4096)

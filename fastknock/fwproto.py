@@ -163,7 +163,10 @@ async def _request(path: str, data: bytes) -> bytes:
     reader, writer = await asyncio.open_unix_connection(path)
     try:
         writer.write(data)
-        await writer.drain()
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass  # the daemon may have answered and closed before reading: read the answer
         return await reader.readexactly(REPLY_SIZE)
     finally:
         writer.close()
@@ -195,7 +198,11 @@ def request_sync(path: str, req: FwRequest, timeout: float) -> FwStatus:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            sock.sendall(data)
+            try:
+                sock.sendall(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the daemon may have answered and closed before reading
+
             reply = b""
             while len(reply) < REPLY_SIZE:
                 chunk = sock.recv(REPLY_SIZE - len(reply))

@@ -269,6 +269,8 @@ class Firewall:
             try:
                 self.runner.run(f"list chain {self._where} {chain}")
             except FirewallError as exc:
+                if not self._exists(f"table {self._where}"):
+                    raise FirewallError(f"nftables table {self._where} is missing") from exc
                 raise FirewallError(
                     f"nftables chain {self._where} {chain} (chain-{hook}) is missing: {exc}"
                 ) from exc
