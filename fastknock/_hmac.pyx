@@ -5,8 +5,10 @@ Design
 ------
 * An ``HmacKey`` holds two Keccak states, inner and outer, that have absorbed the
   zero-padded key XOR ipad / opad (one 136-byte block each: one permutation each, once).
-  A keyless state is never kept; the key bytes are wiped after setup, the states on
-  deallocation, and neither is reachable from Python (no attribute, no pickling).
+  The raw key is never kept: the padded key block is wiped after setup, the states on
+  deallocation, and neither is reachable from Python (no attribute, no pickling). Scratch
+  states (keyed state XOR public data, key-equivalent since Keccak-f is invertible) are
+  wiped after each MAC; register spills inside the permutation are beyond our reach.
 * AUTH input is 52 bytes (PROTOCOL.md): OPERATION || USER || RESOURCE || SALT, which are
   bytes 4..24 of the message itself, then the 32-byte challenge. That fits one block, so
   a MAC is exactly two permutations: copy inner, XOR 7 lanes + padding, permute; copy
