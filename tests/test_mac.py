@@ -93,7 +93,7 @@ def flip(data: bytes, index: int) -> bytes:
 @pytest.mark.parametrize("field", ["operation", "user", "resource", "salt", "auth", "challenge"])
 def test_tampering_any_field_fails(impl: SimpleNamespace, field: str) -> None:
     key = impl.mac.HmacKey(KEY3)
-    good = {
+    good: dict[str, Any] = {
         "operation": Operation.RESPONSE,
         "user": USER3,
         "resource": RES3,
@@ -103,6 +103,7 @@ def test_tampering_any_field_fails(impl: SimpleNamespace, field: str) -> None:
     }
     assert key.verify(**good)
     value = good[field]
+    variants: list[Any]
     if isinstance(value, bytes):
         variants = [flip(value, i) for i in range(len(value))]
     else:
@@ -232,7 +233,7 @@ def test_c_key_state_not_reachable() -> None:
     public = [name for name in dir(key) if not name.startswith("__")]
     assert sorted(public) == ["digest", "sign", "verify", "verify_message"]
     with pytest.raises(AttributeError):
-        key.st  # noqa: B018  # type: ignore[attr-defined]
+        key.st  # type: ignore[attr-defined]  # noqa: B018
 
 
 # --- KeyRing ------------------------------------------------------------------------

@@ -124,7 +124,13 @@ def test_pack_rejects_operation(impl: SimpleNamespace, op: int) -> None:
 @pytest.mark.parametrize("value", [-1, 2**32, 2**64, -(2**63)])
 @pytest.mark.parametrize("field", ["user", "resource"])
 def test_pack_rejects_out_of_range_ids(impl: SimpleNamespace, field: str, value: int) -> None:
-    fields = {"operation": 0, "user": 1, "resource": 2, "salt": bytes(8), "auth": bytes(32)}
+    fields: dict[str, Any] = {
+        "operation": 0,
+        "user": 1,
+        "resource": 2,
+        "salt": bytes(8),
+        "auth": bytes(32),
+    }
     fields[field] = value
     with pytest.raises(WireError, match=field):
         impl.wire.pack(**fields)
