@@ -392,10 +392,6 @@ async def _serve(args: argparse.Namespace, cfg: Config, fw: Firewall, peer: Peer
     os.chmod(rundir, 0o750)  # noqa: S103 -- group: the server account, like letmein
     path = fwproto.socket_path(args.rundir)
     pidfile = fwproto.pid_path(args.rundir)
-    other = _running_instance(pidfile)
-    if other is not None:
-        log.error("fastknockfwd is already running with pid %d (%s)", other, pidfile)
-        return 1
     if os.path.exists(path):
         os.unlink(path)  # stale socket of a killed instance
     server = await asyncio.start_unix_server(daemon.serve_conn, path, backlog=4096)
@@ -464,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
         fw = Firewall(cfg.nftables, runner, cfg.port, cfg.port_tcp, cfg.port_udp)
         if args.list:
             return list_leases(fw)
+        other = _running_instance(fwproto.pid_path(args.rundir))
+        if other is not None:
+            log.error(
+                "fastknockfwd is already running with pid %d (--rundir %s)", other, args.rundir
+            )
+            return 1
         fw.setup()
     except FirewallError as exc:
         log.error("%s", exc)

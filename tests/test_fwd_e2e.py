@@ -97,10 +97,10 @@ class Fwd:
         self.log_path = os.path.join(workdir, "fwd.log")
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *extra: str) -> Fwd:
+    def start(self, *extra: str, test_mode: bool = True) -> Fwd:
         argv = [sys.executable, "-m", "fastknock.fwd", "-c", self.conf_path, "--rundir"]
         argv += [self.rundir, "--no-systemd", "-v", *extra]
-        if not extra:
+        if test_mode:
             argv.append("--test-mode")
         with open(self.log_path, "a") as log:
             self.proc = netns.popen(self.pair.server, argv, stderr=log, cwd=os.getcwd())
@@ -216,10 +216,14 @@ def env() -> Iterator[Env]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def test_tcp_lease_opens_only_for_the_knocker_until_timeout_or_revoke(env: Env) -> None:
+@pytest.mark.parametrize("runner", ["libnftables", "nft-exe"])
+def test_tcp_lease_opens_only_for_the_knocker_until_timeout_or_revoke(
+    env: Env, runner: str
+) -> None:
     env.listen(socket.AF_INET, socket.SOCK_STREAM, 42)
     me, other = env.pair.client_v4
-    fwd = env.fwd().start()
+    fwd = env.fwd().start(*(["--nft-exe"] if runner == "nft-exe" else []))
+    assert f"(runner {runner}," in fwd.log()
     assert not env.tcp(me, 42)
     assert fwd.install(0x42, me) == FwStatus.ACK
     assert env.tcp(me, 42)
@@ -454,7 +458,7 @@ def test_bad_requests_are_refused_and_daemon_keeps_serving(env: Env) -> None:
 
 
 def test_server_account_checked_without_test_mode(env: Env) -> None:
-    fwd = env.fwd().start("--server-user", "nobody")
+    fwd = env.fwd().start("--server-user", "nobody", test_mode=False)
     me = env.pair.client_v4[0]
     assert fwd.install(0x42, me) == FwStatus.NOT_PERMITTED  # root is not the server account
     sock_dir = os.path.dirname(fwd.path)
@@ -482,3 +486,11 @@ def test_bad_config_and_missing_chain_exit_nonzero(env: Env) -> None:
         f.write(text)
     proc = netns.run(env.pair.server, [*argv, "-c", bad])
     assert proc.returncode == 1 and "NOPE" in proc.stderr and "missing" in proc.stderr
+
+
+def test_second_instance_refused_first_keeps_serving(env: Env) -> None:
+    first = env.fwd().start()
+    argv = [sys.executable, "-m", "fastknock.fwd", "-c", first.conf_path, "--test-mode"]
+    proc = netns.run(env.pair.server, [*argv, "--rundir", first.rundir, "--no-systemd"])
+    assert proc.returncode == 1 and "already running" in proc.stderr
+    assert first.install(0x42, env.pair.client_v4[0]) == FwStatus.ACK
