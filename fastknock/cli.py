@@ -240,7 +240,16 @@ def knock(args: argparse.Namespace, config: Config) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot put an optional positional after options ("knock HOST -4 22"): allow it.
+    if extra and getattr(args, "port", 0) is None and len(extra) == 1:
+        try:
+            args.port = _port(extra[0])
+            extra = []
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "gen-key":
             print(gen_key(args.user))

@@ -73,6 +73,9 @@ def test_transport_flags_override_config(tmp_path: Path, capsys: pytest.CaptureF
         conf = write_config(tmp_path, 1, "tcp")  # wrong port and transport in the config
         code, _ = run(capsys, "-c", conf, "knock", "127.0.0.1", "-U", "-P", str(server.port), "53")
     assert code == 0
+    with LoopbackServer(settings(), udp=True) as server:  # PORT may also come before options
+        code, _ = run(capsys, "-c", conf, "knock", "127.0.0.1", "53", "-U", "-P", str(server.port))
+    assert code == 0
     assert [r.resource for r in server.requests] == [RES_UDP]
 
 
@@ -127,24 +130,29 @@ def test_tcp_refused(tmp_path: Path, capsys) -> None:
     assert code == cli.EXIT_FAILED and "refused" in err
 
 
-def _localhost_has_both() -> bool:
-    try:
-        fams = {i[0] for i in socket.getaddrinfo("localhost", 1, type=socket.SOCK_STREAM)}
-    except OSError:
-        return False
-    return {socket.AF_INET, socket.AF_INET6} <= fams
+@pytest.fixture
+def dual_stack_name(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A host name that resolves to ::1 and 127.0.0.1 (this machine's /etc/hosts may lack one)."""
+    real = socket.getaddrinfo
+
+    def fake(host, port, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if host != "dual.fastknock.test":
+            return real(host, port, *args, **kwargs)
+        return real("::1", port, *args, **kwargs) + real("127.0.0.1", port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    return "dual.fastknock.test"
 
 
-@pytest.mark.skipif(not _localhost_has_both(), reason="localhost lacks IPv4 or IPv6 here")
 @pytest.mark.parametrize(
     ("flags", "peers"),
     [([], {"127.0.0.1", "::1"}), (["-4"], {"127.0.0.1"}), (["-6"], {"::1"}),
      (["-4", "-6"], {"127.0.0.1", "::1"})],
 )
-def test_host_name_knocks_both_families(tmp_path, capsys, flags, peers) -> None:
+def test_host_name_knocks_both_families(tmp_path, capsys, dual_stack_name, flags, peers) -> None:
     with LoopbackServer(settings(), udp=False) as server:
         conf = write_config(tmp_path, server.port)
-        code, err = run(capsys, "-c", conf, "knock", "localhost", "22", *flags)
+        code, err = run(capsys, "-c", conf, "knock", dual_stack_name, "22", *flags)
     assert (code, err) == (0, "")
     assert {str(r.peer) for r in server.requests} == peers
 

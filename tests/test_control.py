@@ -95,6 +95,14 @@ async def knock(port: int, udp: bool, op: Operation = Operation.KNOCK, timeout: 
     )
 
 
+async def until(cond: Callable[[], bool], limit: float = 5.0) -> None:
+    """Wait (at most ``limit`` seconds) for ``cond``; the assertion that follows decides."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while not cond() and loop.time() < end:
+        await asyncio.sleep(0.01)
+
+
 def test_source_key_groups_ipv6_by_56() -> None:
     a = source_key(ipaddress.ip_address("2001:db8:0:ff::1"))
     b = source_key(ipaddress.ip_address("2001:db8:0:1::2"))
@@ -148,6 +156,7 @@ def test_tcp_knock_and_firewall_failure(run: Callable[[Any], Any]) -> None:
             await knock(port, udp=False)
         server.close()
         await server.wait_closed()
+        await until(lambda: c.counters["outcome_firewall"] == 1)  # the handler may lag the client
         assert c.counters["outcome_ok"] == 1 and c.counters["outcome_firewall"] == 1
         assert c.limits.total == 0
 
