@@ -52,11 +52,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastknock import config as configmod
-from fastknock import fwproto
+from fastknock import fwproto, hygiene, privs, seccomp, systemd
 from fastknock.config import Config, JumpResource
 from fastknock.errors import ConfigError, FirewallError, WireError
 from fastknock.fwproto import FwOp, FwRequest, FwStatus
-from fastknock.nft import Change, Firewall, JumpLease, LeaseKey, PortLease, make_runner
+from fastknock.nft import (
+    Change,
+    Firewall,
+    JumpLease,
+    LeaseKey,
+    LibNftables,
+    PortLease,
+    make_runner,
+)
 
 log = logging.getLogger("fastknockfwd")
 
@@ -337,19 +345,6 @@ def _raise_nofile() -> None:
         rlimit.setrlimit(rlimit.RLIMIT_NOFILE, (hard, hard))
 
 
-def _sd_notify(message: str) -> None:
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.sendto(message.encode(), path)
-        except OSError as exc:
-            log.warning("sd_notify failed: %s", exc)
-
-
 def _running_instance(pidfile: str) -> int | None:
     """The PID in ``pidfile`` if that process is alive and is a fastknockfwd."""
     try:
@@ -392,36 +387,82 @@ async def _serve(args: argparse.Namespace, cfg: Config, fw: Firewall, peer: Peer
     os.chmod(rundir, 0o750)  # noqa: S103 -- group: the server account, like letmein
     path = fwproto.socket_path(args.rundir)
     pidfile = fwproto.pid_path(args.rundir)
-    if os.path.exists(path):
-        os.unlink(path)  # stale socket of a killed instance
-    server = await asyncio.start_unix_server(daemon.serve_conn, path, backlog=4096)
-    os.chown(path, 0, peer.gid)
-    os.chmod(path, 0o660)
-    with open(pidfile, "w") as f:
-        f.write(f"{os.getpid()}\n")
+    activated = [] if args.no_systemd else systemd.listen_fds()
+    if activated:  # fastknockfwd.socket: systemd owns the path and its mode
+        server = await asyncio.start_unix_server(daemon.serve_conn, sock=activated[0])
+        path = ""
+    else:
+        if os.path.exists(path):
+            os.unlink(path)  # stale socket of a killed instance
+        server = await asyncio.start_unix_server(daemon.serve_conn, path, backlog=4096)
+        os.chown(path, 0, peer.gid)
+        os.chmod(path, 0o660)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, daemon.log_stats)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(_reload(args, daemon))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     sweeper = loop.create_task(daemon.sweep())
+    # Initialised: from here on only CAP_NET_ADMIN (uid 0 stays, to read the root-owned
+    # config on reload), and the seccomp allow-list.
+    if privs.keep_only_net_admin():
+        log.info("capabilities reduced to CAP_NET_ADMIN")
+    seccomp.install(args.seccomp_mode, "fwd")
     if not args.no_systemd:
-        _sd_notify("READY=1")
-    log.info("listening on %s (runner %s, pid %d)", path, fw.runner.name, os.getpid())
+        systemd.notify("READY=1")
+    log.info("listening on %s (runner %s, pid %d)", path or "systemd socket", fw.runner.name,
+             os.getpid())  # fmt: skip
+    with open(pidfile, "w") as f:  # last: the PID file also says "initialised and serving"
+        f.write(f"{os.getpid()}\n")
     try:
         await stop.wait()
     finally:
         log.info("shutting down; leases stay in the kernel")
+        if not args.no_systemd:
+            systemd.notify("STOPPING=1")
         server.close()
         sweeper.cancel()
         await daemon.drain()
         for p in (path, pidfile):
+            if not p:
+                continue
             try:
                 os.unlink(p)
             except OSError:
                 pass
         daemon.log_stats()
     return 0
+
+
+async def _reload(args: argparse.Namespace, daemon: Daemon) -> None:
+    """SIGHUP: validate the new config and set up its firewall, then swap; else keep the old."""
+    if not args.no_systemd:
+        systemd.notify("RELOADING=1")
+    try:
+        cfg = configmod.load_config(args.config, "server")
+        if cfg.nftables is None:
+            raise ConfigError("missing [NFTABLES] section", cfg.source)
+        fw = Firewall(cfg.nftables, daemon.fw.runner, cfg.port, cfg.port_tcp, cfg.port_udp)
+        await asyncio.to_thread(fw.setup)
+    except (ConfigError, FirewallError) as exc:
+        log.error("reload failed, keeping the old configuration: %s", exc)
+    else:
+        for warning in hygiene.permission_warnings(args.config, cfg, "server"):
+            log.warning("%s", warning)
+        fw.stats = daemon.fw.stats
+        daemon.cfg, daemon.fw = cfg, fw
+        log.info("reloaded %s (checksum %s...)", cfg.source, cfg.checksum.hex()[:12])
+    finally:
+        if not args.no_systemd:
+            systemd.notify("READY=1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,11 +493,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)
         return 2
-    seccomp = args.seccomp or cfg.seccomp.value
-    if seccomp != "off":
-        log.warning("seccomp mode %r requested: not implemented yet, running without", seccomp)
+    for warning in hygiene.permission_warnings(args.config, cfg, "server"):
+        log.warning("%s", warning)
+    args.seccomp_mode = args.seccomp or cfg.seccomp.value
     try:
         runner = make_runner(cfg.nftables.exe, prefer_lib=not args.nft_exe)
+        if args.seccomp_mode == "kill" and not isinstance(runner, LibNftables):
+            log.error("seccomp = kill needs libnftables: the nft executable cannot run under it")
+            return 2
         fw = Firewall(cfg.nftables, runner, cfg.port, cfg.port_tcp, cfg.port_udp)
         if args.list:
             return list_leases(fw)
