@@ -28,6 +28,13 @@ if os.environ.get("FASTKNOCK_NO_EXTENSIONS") != "1":
                 define_macros=macros,
                 extra_compile_args=cflags,
             ),
+            Extension(
+                "fastknock._recv",
+                ["fastknock/_recv.pyx"],
+                include_dirs=["fastknock"],
+                define_macros=macros,
+                extra_compile_args=cflags,
+            ),
         ],
         compiler_directives={
             "language_level": "3",

@@ -1,0 +1,88 @@
+# C-level API of fastknock._recv (the batched UDP receive path). The socket structures are
+# declared here so that a benchmark or a later extension can cimport the Reader.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+from fastknock._hmac cimport KeyRing
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    ctypedef unsigned short sa_family_t
+    struct sockaddr_storage:
+        sa_family_t ss_family
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    struct timespec:
+        pass
+    int recvmmsg(int sockfd, mmsghdr *msgvec, unsigned int vlen, int flags,
+                 timespec *timeout)
+    enum:
+        MSG_DONTWAIT
+        AF_INET
+        AF_INET6
+
+
+cdef enum:
+    RECV_BATCH = 64  # datagrams per recvmmsg call
+    RECV_SLOT = 64  # bytes per datagram buffer: > 56, so msg_len == 56 means exactly 56
+    RECV_NREASONS = 6  # REASON_OK .. REASON_MAC
+
+# One live session's peer: the IPv6 (or IPv4-mapped) address and the port, network order.
+ctypedef struct peer_key:
+    uint8_t addr[16]
+    uint16_t port
+    uint8_t state  # SLOT_EMPTY, SLOT_USED, SLOT_DEAD
+    uint8_t v4  # from an AF_INET socket: its peers key shows the address as a.b.c.d
+
+
+cdef class Reader:
+    cdef int fd
+    cdef KeyRing ring
+    cdef unsigned int allowed_ops
+    cdef bint pass_rejects
+    cdef object handler  # handler(data: bytes, addr: tuple) -> None
+    cdef object peers  # mapping (host, port) -> session, owned by the protocol
+    cdef int budget  # recvmmsg calls per drain()
+
+    cdef mmsghdr msgs[RECV_BATCH]
+    cdef iovec iov[RECV_BATCH]
+    cdef sockaddr_storage names[RECV_BATCH]
+    cdef unsigned char bufs[RECV_BATCH][RECV_SLOT]
+    cdef uint8_t verdict[RECV_BATCH]  # 0: hand up; else the REASON_* that drops it
+
+    # Open-addressing hash set of the peers that have a live session (a cache of `peers`
+    # keys, re-synced at every hand-up; see the module docstring).
+    cdef peer_key *table
+    cdef Py_ssize_t cap  # power of two
+    cdef Py_ssize_t used  # live entries
+    cdef Py_ssize_t dead  # tombstones
+
+    # Counters since the last take(): datagrams dropped in C, per reason; handed up;
+    # of those, handed up because the peer has a live session; recvmmsg batches; errors.
+    cdef uint64_t dropped
+    cdef uint64_t reasons[RECV_NREASONS]
+    cdef uint64_t handed
+    cdef uint64_t live_hits
+    cdef uint64_t batches
+    cdef uint64_t errors
+
+    cdef void classify(self, int n) noexcept nogil
+    cdef bint live(self, const sockaddr_storage *sa) noexcept nogil
+    cdef int hand_up(self, int i) except -1
+    cdef Py_ssize_t _find(self, const peer_key *k) noexcept nogil
+    cdef int _insert(self, const peer_key *k) except -1
+    cdef void _remove(self, const peer_key *k) noexcept nogil
+    cdef int _rehash(self, Py_ssize_t cap) except -1
+    cdef int _prune(self) except -1

@@ -1,0 +1,141 @@
+"""Pure-Python reference of ``fastknock._recv``: the same ``Reader`` API and decisions.
+
+Design
+------
+* Written separately from the Cython version (not a translation of it): ``recvfrom`` in a
+  loop instead of ``recvmmsg``, the ``peers`` mapping itself instead of a C hash set, and
+  the key ring's Python-level ``check`` instead of the C entry. It is what runs with
+  ``FASTKNOCK_NO_EXTENSIONS=1`` and the oracle the differential tests compare against.
+* Decisions, per datagram, in this order: not 56 bytes -> drop ("size"); the peer
+  ``addr[:2]`` has a live session -> hand up; ``keyring.check`` passes -> hand up; else
+  hand up anyway if ``pass_rejects``, or drop counted by reason.
+* ``drain`` reads at most ``budget * 64`` datagrams per call, like the C reader's
+  ``budget`` recvmmsg batches, so a flood cannot starve the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Mapping
+
+from fastknock.message import MSG_SIZE, Reason
+
+__all__ = ["COUNTERS", "Reader"]
+
+log = logging.getLogger("fastknockd")
+
+COUNTERS: tuple[str, ...] = (
+    "dropped",
+    "size",
+    "magic",
+    "operation",
+    "unknown_user",
+    "mac",
+    "handed_up",
+    "live_hits",
+    "batches",
+    "errors",
+)
+BATCH = 64
+_READ_SIZE = 64  # > 56: a datagram read whole as 56 bytes is exactly 56 bytes long
+_REASON_FIELD = {
+    Reason.SIZE: "size",
+    Reason.MAGIC: "magic",
+    Reason.OPERATION: "operation",
+    Reason.UNKNOWN_USER: "unknown_user",
+    Reason.MAC: "mac",
+}
+
+
+class Reader:
+    """Drains a non-blocking UDP socket; see the module docstring."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        keyring: object,
+        handler: Callable[[bytes, tuple], None],
+        peers: Mapping[tuple, object],
+        *,
+        pass_rejects: bool = False,
+        allowed_ops: int = 0x21,
+        budget: int = 16,
+    ) -> None:
+        if sock.fileno() < 0:
+            raise ValueError("socket is closed")
+        if budget < 1:
+            raise ValueError("budget must be at least 1")
+        if keyring is None:
+            raise TypeError("keyring must not be None")
+        self._sock = sock
+        self._ring = keyring
+        self._handler = handler
+        self._peers = peers
+        self._pass_rejects = pass_rejects
+        self._allowed_ops = allowed_ops
+        self._budget = budget
+        self._counts = dict.fromkeys(COUNTERS, 0)
+
+    def configure(self, keyring: object, pass_rejects: bool) -> None:
+        if keyring is None:
+            raise TypeError("keyring must not be None")
+        self._ring = keyring
+        self._pass_rejects = pass_rejects
+
+    @property
+    def keyring(self) -> object:
+        return self._ring
+
+    @property
+    def tracked(self) -> int:
+        return 0  # no set of its own: it asks ``peers`` directly
+
+    def drain(self) -> int:
+        counts = self._counts
+        peers = self._peers
+        check = self._ring.check  # type: ignore[attr-defined]
+        total = 0
+        for _ in range(self._budget):
+            got = 0
+            while got < BATCH:
+                try:
+                    data, addr = self._sock.recvfrom(_READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    counts["errors"] += 1
+                    break
+                got += 1
+                if len(data) != MSG_SIZE:
+                    counts["dropped"] += 1
+                    counts["size"] += 1
+                    continue
+                if addr[:2] in peers:
+                    counts["live_hits"] += 1
+                elif not self._pass_rejects:
+                    reason, _msg = check(data, self._allowed_ops)
+                    if reason != Reason.OK:
+                        counts["dropped"] += 1
+                        counts[_REASON_FIELD[Reason(reason)]] += 1
+                        continue
+                counts["handed_up"] += 1
+                try:
+                    self._handler(data, addr)
+                except Exception:
+                    counts["errors"] += 1
+                    log.exception("UDP datagram handler failed")
+            if got:
+                counts["batches"] += 1
+            total += got
+            if got < BATCH:
+                break
+        return total
+
+    def take(self) -> tuple[int, ...]:
+        out = tuple(self._counts[name] for name in COUNTERS)
+        self._counts = dict.fromkeys(COUNTERS, 0)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Reader(fd={self._sock.fileno()}, py)"

@@ -1,0 +1,423 @@
+"""The batched UDP reader (``fastknock._recv`` and its reference ``fastknock._recv_py``).
+
+Every test runs on both readers (``rimpl`` fixture: "py" = ``_recv_py`` with the Python key
+ring, "c" = ``_recv`` with the C key ring) over real loopback sockets, with a recording
+handler and a plain dict as the ``peers`` mapping. The glue (``fastknock.recv``) is tested
+in test_recv_control.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import os
+import random
+import select
+import socket
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+
+import fastknock.recv
+from fastknock.message import MAGIC, Operation
+from fastknock.protocol import FIRST_OPS
+
+NO_EXTENSIONS = os.environ.get("FASTKNOCK_NO_EXTENSIONS") == "1"
+USER = 0x00000001
+OTHER_USER = 0x00000002
+KEY = bytes.fromhex("80E9C81DFA4879B2C64910E1B6870DA42DFB82261B76C859F3A0F5A09DEA2A3D")
+RES = 0x00000022
+FIELDS = (
+    "dropped",
+    "size",
+    "magic",
+    "operation",
+    "unknown_user",
+    "mac",
+    "handed_up",
+    "live_hits",
+    "batches",
+    "errors",
+)
+
+IMPLS = {
+    "py": ("fastknock._recv_py", "fastknock._hmac_py"),
+    "c": ("fastknock._recv", "fastknock._hmac"),
+}
+
+
+@pytest.fixture(scope="module", params=["py", "c"])
+def rimpl(request: pytest.FixtureRequest) -> SimpleNamespace:
+    if request.param == "c" and NO_EXTENSIONS:
+        pytest.skip("FASTKNOCK_NO_EXTENSIONS=1: C extensions not in use")
+    recv_name, mac_name = IMPLS[request.param]
+    recv = importlib.import_module(recv_name)
+    mac = importlib.import_module(mac_name)
+    return SimpleNamespace(name=request.param, Reader=recv.Reader, mac=mac, COUNTERS=recv.COUNTERS)
+
+
+class Recorder:
+    """The handler: records (data, addr); optionally opens a 'session' for the peer."""
+
+    def __init__(self, peers: dict[tuple, object], open_sessions: bool = False) -> None:
+        self.got: list[tuple[bytes, tuple]] = []
+        self.peers = peers
+        self.open_sessions = open_sessions
+        self.fail_on: bytes | None = None
+
+    def __call__(self, data: bytes, addr: tuple) -> None:
+        self.got.append((data, addr))
+        if data == self.fail_on:
+            raise RuntimeError("handler bug")
+        if self.open_sessions:
+            self.peers[addr[:2]] = object()
+
+
+def knock(user: int = USER, key: bytes = KEY, op: Operation = Operation.KNOCK) -> bytes:
+    from fastknock._hmac_py import HmacKey
+    from fastknock._wire_py import pack
+
+    salt = os.urandom(8)
+    return pack(op, user, RES, salt, HmacKey(key).sign(op, user, RES, salt))
+
+
+def raw(magic: int = MAGIC, op: int = 0, user: int = USER, auth: bytes = b"\0" * 32) -> bytes:
+    return (
+        magic.to_bytes(4, "big")
+        + op.to_bytes(4, "big")
+        + user.to_bytes(4, "big")
+        + RES.to_bytes(4, "big")
+        + b"S" * 8
+        + auth
+    )
+
+
+@pytest.fixture(params=[socket.AF_INET, socket.AF_INET6], ids=["v4", "dual"])
+def server(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
+    if request.param == socket.AF_INET6:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", 0))
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sock.setblocking(False)
+    with sock:
+        yield sock
+
+
+def client() -> socket.socket:
+    return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+
+def dest(server: socket.socket) -> tuple[str, int]:
+    return ("127.0.0.1", server.getsockname()[1])
+
+
+def make(
+    rimpl: SimpleNamespace, server: socket.socket, **kw: object
+) -> tuple[object, Recorder, dict[tuple, object]]:
+    peers: dict[tuple, object] = {}
+    rec = Recorder(peers, open_sessions=bool(kw.pop("open_sessions", False)))
+    kw.setdefault("allowed_ops", FIRST_OPS)
+    reader = rimpl.Reader(server, rimpl.mac.KeyRing({USER: KEY}), rec, peers, **kw)
+    return reader, rec, peers
+
+
+def drain_until(reader: object, server: socket.socket, n: int, limit: float = 5.0) -> int:
+    """Drain until ``n`` datagrams were read (the loopback delivers synchronously, but be
+    patient rather than flaky); returns how many were read."""
+    total = 0
+    end = time.monotonic() + limit
+    while total < n and time.monotonic() < end:
+        select.select([server], [], [], 0.05)
+        total += reader.drain()  # type: ignore[attr-defined]
+    return total
+
+
+def counts(reader: object) -> dict[str, int]:
+    return dict(zip(FIELDS, reader.take(), strict=True))  # type: ignore[attr-defined]
+
+
+# -- build ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(NO_EXTENSIONS, reason="FASTKNOCK_NO_EXTENSIONS=1")
+def test_extension_is_compiled_and_selected() -> None:
+    module = importlib.import_module("fastknock._recv")
+    assert module.__file__ is not None and module.__file__.endswith(
+        tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    )
+    assert fastknock.recv.IMPLEMENTATION == "c"
+    assert fastknock.recv.Reader.__module__ == "fastknock._recv"
+
+
+@pytest.mark.skipif(not NO_EXTENSIONS, reason="only with FASTKNOCK_NO_EXTENSIONS=1")
+def test_selector_uses_py_when_disabled() -> None:
+    assert fastknock.recv.IMPLEMENTATION == "py"
+
+
+def test_counter_fields_agree(rimpl: SimpleNamespace) -> None:
+    assert tuple(rimpl.COUNTERS) == FIELDS
+    assert set(fastknock.recv.COUNTER_NAMES) == set(FIELDS)
+
+
+# -- decisions -----------------------------------------------------------------------------
+
+
+def test_junk_is_dropped_and_counted_per_reason(
+    rimpl: SimpleNamespace, server: socket.socket
+) -> None:
+    reader, rec, _ = make(rimpl, server)
+    junk = [
+        b"",
+        b"x" * 55,
+        b"x" * 57,
+        b"x" * 1000,
+        raw(magic=0x12345678),
+        raw(op=Operation.RESPONSE),
+        raw(op=9),
+        raw(user=OTHER_USER),
+        raw(auth=os.urandom(32)),
+        raw(auth=os.urandom(32)),
+    ]
+    with client() as c:
+        for data in junk:
+            c.sendto(data, dest(server))
+        assert drain_until(reader, server, len(junk)) == len(junk)
+    assert rec.got == []
+    got = counts(reader)
+    assert got["dropped"] == len(junk)
+    assert (got["size"], got["magic"], got["operation"], got["unknown_user"], got["mac"]) == (
+        4,
+        1,
+        2,
+        1,
+        2,
+    )
+    assert got["handed_up"] == 0 and got["errors"] == 0
+    assert counts(reader)["dropped"] == 0  # take() resets
+
+
+def test_valid_first_messages_are_handed_up_with_the_socket_address(
+    rimpl: SimpleNamespace, server: socket.socket
+) -> None:
+    reader, rec, _ = make(rimpl, server)
+    msgs = [knock(), knock(op=Operation.REVOKE)]
+    with client() as c:
+        for m in msgs:
+            c.sendto(m, dest(server))
+        port = c.getsockname()[1]
+        assert drain_until(reader, server, 2) == 2
+    assert [d for d, _ in rec.got] == msgs
+    # The same address shape as socket.recvfrom gives on this socket.
+    if server.family == socket.AF_INET6:
+        expected: tuple = ("::ffff:127.0.0.1", port, 0, 0)
+    else:
+        expected = ("127.0.0.1", port)
+    assert [a for _, a in rec.got] == [expected, expected]
+    got = counts(reader)
+    assert got["handed_up"] == 2 and got["dropped"] == 0 and got["batches"] >= 1
+
+
+def test_live_peer_gets_everything_of_56_bytes(
+    rimpl: SimpleNamespace, server: socket.socket
+) -> None:
+    """Once the handler opened a session for a peer, its RESPONSEs (which fail the
+    first-message check) and even junk of the right size reach Python; wrong sizes never."""
+    reader, rec, peers = make(rimpl, server, open_sessions=True)
+    stranger_response = raw(op=Operation.RESPONSE)
+    with client() as c, client() as other:
+        c.sendto(knock(), dest(server))
+        assert drain_until(reader, server, 1) == 1
+        assert len(peers) == 1
+        follow = [raw(op=Operation.RESPONSE), raw(magic=1), b"short"]
+        for data in follow:
+            c.sendto(data, dest(server))
+        other.sendto(stranger_response, dest(server))  # no session: dropped
+        assert drain_until(reader, server, 4) == 4
+    assert [d for d, _ in rec.got] == [rec.got[0][0], *follow[:2]]
+    got = counts(reader)
+    assert got["live_hits"] == 2 and got["handed_up"] == 3
+    assert got["size"] == 1 and got["operation"] == 1 and got["dropped"] == 2
+    if rimpl.name == "c":
+        assert reader.tracked == 1  # type: ignore[attr-defined]
+
+
+def test_ended_session_is_forgotten(rimpl: SimpleNamespace, server: socket.socket) -> None:
+    """When ``peers`` loses the key, the peer's junk is dropped again (after at most one
+    extra hand-up, which Python treats as a new peer)."""
+    reader, rec, peers = make(rimpl, server, open_sessions=True)
+    with client() as c:
+        c.sendto(knock(), dest(server))
+        assert drain_until(reader, server, 1) == 1
+        rec.open_sessions = False
+        peers.clear()
+        c.sendto(raw(op=Operation.RESPONSE), dest(server))
+        assert drain_until(reader, server, 1) == 1
+        assert len(rec.got) <= 2  # the knock, and at most one stale hand-up
+        assert reader.tracked == 0  # type: ignore[attr-defined]
+        before = len(rec.got)
+        for _ in range(3):
+            c.sendto(raw(op=Operation.RESPONSE), dest(server))
+        assert drain_until(reader, server, 3) == 3
+    assert len(rec.got) == before
+    assert counts(reader)["operation"] >= 3
+
+
+def test_datagrams_after_a_session_start_in_the_same_batch_follow_it(
+    rimpl: SimpleNamespace, server: socket.socket
+) -> None:
+    """KNOCK then junk from the same peer, read in one batch: as on the one-by-one path,
+    the junk goes to the session the KNOCK started (and ends it there)."""
+    reader, rec, _ = make(rimpl, server, open_sessions=True)
+    first = knock()
+    with client() as c, client() as other:
+        c.sendto(first, dest(server))
+        c.sendto(raw(magic=7), dest(server))
+        other.sendto(raw(magic=7), dest(server))
+        time.sleep(0.05)
+        assert drain_until(reader, server, 3) == 3
+    assert [d for d, _ in rec.got] == [first, raw(magic=7)]
+    got = counts(reader)
+    assert got["live_hits"] == 1 and got["magic"] == 1
+
+
+def test_pass_rejects_hands_up_every_56_byte_datagram(
+    rimpl: SimpleNamespace, server: socket.socket
+) -> None:
+    reader, rec, _ = make(rimpl, server, pass_rejects=True)
+    data = [raw(magic=1), raw(user=OTHER_USER), raw(auth=os.urandom(32)), b"x" * 57]
+    with client() as c:
+        for d in data:
+            c.sendto(d, dest(server))
+        assert drain_until(reader, server, 4) == 4
+    assert [d for d, _ in rec.got] == data[:3]
+    got = counts(reader)
+    assert got["handed_up"] == 3 and got["dropped"] == got["size"] == 1
+
+
+def test_configure_swaps_key_ring_and_policy(rimpl: SimpleNamespace, server: socket.socket) -> None:
+    reader, rec, _ = make(rimpl, server)
+    new_key = bytes(range(32))
+    ring = rimpl.mac.KeyRing({OTHER_USER: new_key})
+    reader.configure(ring, False)  # type: ignore[attr-defined]
+    assert reader.keyring is ring  # type: ignore[attr-defined]
+    with client() as c:
+        c.sendto(knock(), dest(server))  # USER is no longer known
+        c.sendto(knock(OTHER_USER, new_key), dest(server))
+        assert drain_until(reader, server, 2) == 2
+    assert len(rec.got) == 1 and counts(reader)["unknown_user"] == 1
+
+
+def test_budget_bounds_one_drain(rimpl: SimpleNamespace, server: socket.socket) -> None:
+    reader, _, _ = make(rimpl, server, budget=1)
+    with client() as c:
+        for _ in range(150):
+            c.sendto(b"junk", dest(server))
+        select.select([server], [], [], 1)
+        time.sleep(0.05)
+        assert reader.drain() == 64  # type: ignore[attr-defined]
+        assert drain_until(reader, server, 86) == 86
+    got = counts(reader)
+    assert got["size"] == 150 and got["batches"] >= 3
+
+
+def test_handler_exception_is_counted_and_the_batch_goes_on(
+    rimpl: SimpleNamespace, server: socket.socket
+) -> None:
+    reader, rec, _ = make(rimpl, server)
+    msgs = [knock() for _ in range(3)]
+    rec.fail_on = msgs[1]
+    with client() as c:
+        for m in msgs:
+            c.sendto(m, dest(server))
+        assert drain_until(reader, server, 3) == 3
+    assert [d for d, _ in rec.got] == msgs
+    assert counts(reader)["errors"] == 1
+
+
+def test_empty_socket_drains_nothing(rimpl: SimpleNamespace, server: socket.socket) -> None:
+    reader, _, _ = make(rimpl, server)
+    assert reader.drain() == 0  # type: ignore[attr-defined]
+    assert counts(reader)["batches"] == 0
+
+
+def test_bad_arguments(rimpl: SimpleNamespace, server: socket.socket) -> None:
+    ring = rimpl.mac.KeyRing({USER: KEY})
+    with pytest.raises(ValueError):
+        rimpl.Reader(server, ring, print, {}, budget=0)
+    with pytest.raises(TypeError):
+        rimpl.Reader(server, None, print, {})
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.close()
+    with pytest.raises((ValueError, OSError)):
+        rimpl.Reader(closed, ring, print, {})
+
+
+def test_live_set_stays_bounded_by_the_sessions(
+    rimpl: SimpleNamespace, server: socket.socket
+) -> None:
+    """Sessions from 600 source ports start and end; the C set tracks only live ones
+    (within its pruning slack), and a live peer is never lost while others churn."""
+    reader, rec, peers = make(rimpl, server, open_sessions=True)
+    with client() as keeper:
+        keeper.sendto(knock(), dest(server))
+        assert drain_until(reader, server, 1) == 1
+        keep_key = next(iter(peers))
+        for _ in range(20):
+            socks = [client() for _ in range(30)]
+            for s in socks:
+                s.sendto(knock(), dest(server))
+            assert drain_until(reader, server, 30) == 30
+            for s in socks:
+                peers.pop(("::ffff:127.0.0.1" if server.family == socket.AF_INET6 else "127.0.0.1",
+                           s.getsockname()[1]))  # fmt: skip
+                s.close()
+            if rimpl.name == "c":
+                assert reader.tracked <= 2 * len(peers) + 32 + 30  # type: ignore[attr-defined]
+        assert list(peers) == [keep_key]
+        before = len(rec.got)
+        keeper.sendto(raw(op=Operation.RESPONSE), dest(server))
+        assert drain_until(reader, server, 1) == 1
+        assert len(rec.got) == before + 1  # the keeper's RESPONSE still reaches Python
+
+
+def test_c_and_py_agree_on_a_random_mix(server: socket.socket) -> None:
+    """Differential: the same datagram sequence through both readers gives the same
+    hand-ups and the same counters."""
+    if NO_EXTENSIONS:
+        pytest.skip("FASTKNOCK_NO_EXTENSIONS=1")
+    rng = random.Random(5)
+    kinds = [
+        lambda: knock(),
+        lambda: raw(magic=rng.getrandbits(32)),
+        lambda: raw(op=rng.randrange(6)),
+        lambda: raw(user=rng.choice([USER, OTHER_USER])),
+        lambda: raw(auth=rng.randbytes(32)),
+        lambda: rng.randbytes(rng.randrange(120)),
+    ]
+    data = [rng.choice(kinds)() for _ in range(400)]
+    results = []
+    for name in ("py", "c"):
+        recv_name, mac_name = IMPLS[name]
+        ns = SimpleNamespace(
+            name=name,
+            Reader=importlib.import_module(recv_name).Reader,
+            mac=importlib.import_module(mac_name),
+        )
+        reader, rec, _ = make(ns, server)
+        with client() as c:
+            for i, d in enumerate(data):
+                c.sendto(d, dest(server))
+                if i % 50 == 49:
+                    drain_until(reader, server, 50)
+        results.append(([d for d, _ in rec.got], counts(reader)))
+    (py_got, py_counts), (c_got, c_counts) = results
+    assert py_got == c_got
+    py_counts.pop("batches")
+    c_counts.pop("batches")
+    assert py_counts == c_counts

@@ -1,0 +1,151 @@
+"""The batched receive path (``fastknock.recv``) behaves like the ``DatagramProtocol`` path.
+
+* The UDP tests of test_control.py run again here, unchanged, with their ``udp_server``
+  helper pointed at ``BatchedUdpControl`` (on asyncio and on uvloop, like there).
+* Both paths get the same traffic mix and must end with the same counters, the same
+  replies on the wire and no state left; the stealth policy must send nothing back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from fastknock.config import ErrorPolicy
+from fastknock.control import Controller, UdpControl
+from fastknock.message import Operation
+from fastknock.protocol import ClientSession
+from fastknock.recv import BatchedUdpControl, open_udp
+from tests import test_control as tc
+from tests.test_control import KEY, RES, USER, FakeFirewall, make_controller
+from tests.test_control import knock as tc_knock
+
+run = tc.run  # the fixture: every test on asyncio and on uvloop
+
+
+async def batched_udp_server(controller: Controller) -> tuple[UdpControl, int]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    proto = await open_udp(controller, sock, "batched")
+    assert isinstance(proto, BatchedUdpControl)
+    assert proto.transport is not None
+    return proto, proto.transport.get_extra_info("sockname")[1]
+
+
+@pytest.fixture(autouse=True)
+def _batched(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(tc, "udp_server", batched_udp_server)
+    yield
+
+
+# test_control.py's UDP tests, collected again: they now run on the batched path.
+test_udp_knock = tc.test_udp_knock
+test_udp_session_times_out_and_frees_its_slot = tc.test_udp_session_times_out_and_frees_its_slot
+test_udp_state_stays_bounded_under_many_source_ports = (
+    tc.test_udp_state_stays_bounded_under_many_source_ports
+)
+test_udp_junk_creates_no_state_and_stealth_sends_nothing = (
+    tc.test_udp_junk_creates_no_state_and_stealth_sends_nothing
+)
+test_udp_datagrams_queue_while_firewall_works = tc.test_udp_datagrams_queue_while_firewall_works
+
+
+def _traffic() -> list[bytes]:
+    """Junk of every kind plus forged and replayed first messages (no valid sessions)."""
+    valid = ClientSession(
+        tc.HmacKey(KEY), USER, RES, Operation.KNOCK, os.urandom
+    ).start()  # replayed below from other ports
+    forged = bytearray(valid)
+    forged[-1] ^= 1
+    other_user = bytearray(valid)
+    other_user[11] ^= 0x40
+    bad_magic = bytearray(valid)
+    bad_magic[0] ^= 1
+    response_op = bytearray(valid)
+    response_op[7] = Operation.RESPONSE
+    return [b"", b"x" * 55, b"x" * 200, bytes(forged), bytes(other_user), bytes(bad_magic),
+            bytes(response_op), os.urandom(56)] * 5  # fmt: skip
+
+
+async def _replay_traffic(
+    path: str, policy: ErrorPolicy
+) -> tuple[dict[str, int], list[bytes], dict[str, object]]:
+    fw = FakeFirewall()
+    c = make_controller(fw, policy=policy)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    proto = await open_udp(c, sock, path)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    replies: list[bytes] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setblocking(False)
+        for data in _traffic():
+            s.sendto(data, ("127.0.0.1", port))
+        await tc.until(lambda: c.counters["received"] >= 40)
+        # and one real knock from another port, which must work on both paths
+        await tc_knock(port, udp=True)
+        await asyncio.sleep(0.05)
+        while True:
+            try:
+                replies.append(s.recv(100))
+            except BlockingIOError:
+                break
+    state = {"peers": dict(proto.peers), "limits": c.limits.total}
+    proto.close()
+    await loop.shutdown_default_executor()
+    keep = {k: v for k, v in c.counters.items() if not k.startswith("udp_")}
+    return keep, [r[4:8] for r in replies], state
+
+
+@pytest.mark.parametrize("policy", [ErrorPolicy.BASIC_AUTH, ErrorPolicy.ALWAYS])
+def test_both_paths_count_and_answer_the_same(
+    run: Callable[[Any], Any], policy: ErrorPolicy
+) -> None:
+    protocol = run(_replay_traffic("protocol", policy))
+    batched = run(_replay_traffic("batched", policy))
+    assert batched == protocol
+    counters, replies, state = batched
+    assert counters["received"] == 40 + 2 and counters["knocked"] == 1
+    assert counters["outcome_size"] == 15 and counters["outcome_mac"] == 5
+    assert counters["outcome_unknown-user"] == 5 and counters["outcome_operation"] == 5
+    assert counters["outcome_magic"] == 10
+    assert state == {"peers": {}, "limits": 0}
+    if policy is ErrorPolicy.ALWAYS:  # a GOAWAY for each 56-byte reject
+        assert replies == [(Operation.GOAWAY).to_bytes(4, "big")] * 25
+    else:
+        assert replies == []  # stealth
+
+
+def test_batched_counters_show_the_reader_at_work(run: Callable[[Any], Any]) -> None:
+    async def main() -> None:
+        c = make_controller(FakeFirewall(), policy=ErrorPolicy.BASIC_AUTH)
+        proto, port = await batched_udp_server(c)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _ in range(100):
+                s.sendto(os.urandom(56), ("127.0.0.1", port))
+            await tc.until(lambda: c.counters["received"] >= 100)
+        await tc_knock(port, udp=True)
+        assert c.counters["received"] == 102 and c.counters["knocked"] == 1
+        assert c.counters["udp_batches"] >= 1
+        # only the knock's two datagrams became Python objects
+        assert c.counters["udp_handed_up"] == 2 and c.counters["udp_live_hits"] == 1
+        proto.close()
+        assert proto.transport is not None and proto.transport.is_closing()
+        await asyncio.get_running_loop().shutdown_default_executor()
+
+    run(main())
+
+
+def test_open_udp_rejects_unknown_path(run: Callable[[Any], Any]) -> None:
+    async def main() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            with pytest.raises(ValueError):
+                await open_udp(make_controller(FakeFirewall()), sock, "nope")  # type: ignore[arg-type]
+
+    run(main())
