@@ -28,6 +28,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from fastknock.message import MSG_SIZE, Operation
 from fastknock.protocol import (
@@ -109,7 +110,10 @@ class Controller:
         elif log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "[%s] rejected (%s) user %08X resource %08X",
-                peer, end.outcome.value, end.user, end.resource,
+                peer,
+                end.outcome.value,
+                end.user,
+                end.resource,
             )
 
     async def ask_firewall(self, request: FirewallRequest, deadline: float) -> bool:
@@ -145,10 +149,18 @@ class Controller:
             self.counters["dropped_limits"] += 1
             writer.transport.abort()
             return
+        task = asyncio.current_task()
+        if task is not None:  # so that close() ends it like the UDP firewall tasks
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         try:
             await self._tcp_session(reader, writer, peer)
-        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
             self.counters["tcp_aborted"] += 1
+        except asyncio.CancelledError:
+            # fastknockd is stopping (close()). End the handler normally: asyncio.streams
+            # (Python 3.11) logs a cancelled connection handler as an error with a traceback.
+            self.counters["tcp_cancelled"] += 1
         finally:
             self.limits.release(peer)
             writer.close()
@@ -164,9 +176,10 @@ class Controller:
                     reader.readexactly(MSG_SIZE), max(deadline - time.monotonic(), 0)
                 )
             except asyncio.TimeoutError:
-                events = session.timeout(time.monotonic() + 1e-9) if session else []
                 if session is None:
-                    self.counters["outcome_timeout"] += 1
+                    events = self.core.silent_peer()
+                else:
+                    events = session.timeout(max(time.monotonic(), session.deadline))
                 await self._tcp_act(events, writer, session, peer)
                 return
             self.counters["received"] += 1
@@ -186,11 +199,16 @@ class Controller:
         session: ServerSession | None,
         peer: IPAddress,
     ) -> bool:
-        """Carry out events; True once the session has ended."""
+        """Carry out events; True once the session has ended.
+
+        A session's last message (COMEIN or GOAWAY) is written and the session is accounted
+        for without yielding to the loop, so its outcome is counted and logged even if the
+        peer hangs up at once; closing the writer (``handle_tcp``) flushes it. Messages of a
+        session that goes on (CHALLENGE) are drained within the control timeout.
+        """
         for event in events:
             if isinstance(event, Send):
                 writer.write(event.data)
-                await asyncio.wait_for(writer.drain(), self.timeout)
             elif isinstance(event, FirewallRequest) and session is not None:
                 ok = await self.ask_firewall(event, session.deadline)
                 done = session.firewall_done(ok, time.monotonic())
@@ -198,6 +216,7 @@ class Controller:
             elif isinstance(event, SessionClosed):
                 self.ended(event, peer)
                 return True
+        await asyncio.wait_for(writer.drain(), self.timeout)
         return False
 
 
@@ -222,8 +241,8 @@ class UdpControl(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # uvloop's UDPTransport is not an asyncio.DatagramTransport subclass: no isinstance.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def error_received(self, exc: Exception) -> None:  # e.g. ICMP errors for sendto
         self.c.counters["udp_errors"] += 1

@@ -39,7 +39,6 @@ import enum
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Union
 
 from fastknock import wire
 from fastknock.config import Config, ErrorPolicy, PortResource, Resource
@@ -55,7 +54,7 @@ from fastknock.message import (
     Reason,
 )
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Rand = Callable[[int], bytes]
 
 FIRST_OPS = (1 << Operation.KNOCK) | (1 << Operation.REVOKE)
@@ -123,7 +122,7 @@ class FirewallRequest:
 
 @dataclass(frozen=True, slots=True)
 class SessionClosed:
-    """The session is over; ``outcome`` says why. ``user``/``resource`` are UNKNOWN_ID if unknown."""
+    """The session is over; ``outcome`` says why. ``user``/``resource``: UNKNOWN_ID if unknown."""
 
     outcome: Outcome
     operation: Operation | None = None
@@ -135,7 +134,7 @@ class SessionClosed:
         return self.outcome is Outcome.OK
 
 
-Event = Union[Send, FirewallRequest, SessionClosed]
+Event = Send | FirewallRequest | SessionClosed
 
 
 def normalize_peer(host: str | IPAddress) -> IPAddress:
@@ -186,7 +185,9 @@ class ServerCore:
         """A GOAWAY to send, if the error policy allows one at this auth level."""
         if level < self._min_level:
             return []
-        return [Send(_pack(Operation.GOAWAY, user, resource, self._rand(SALT_SIZE), ZERO_CHALLENGE))]
+        return [
+            Send(_pack(Operation.GOAWAY, user, resource, self._rand(SALT_SIZE), ZERO_CHALLENGE))
+        ]
 
     def start(
         self, data: bytes, peer: IPAddress, now: float
@@ -215,6 +216,15 @@ class ServerCore:
 
         session = ServerSession(self, bytes(data), msg, peer, now)
         return session, [Send(session.challenge_bytes)]
+
+    def silent_peer(self) -> list[Event]:
+        """No complete first message within the control timeout (a TCP peer that connected
+        and sent nothing, or part of a message): the session ends in state "none", so only
+        policy ``always`` sends a GOAWAY."""
+        return [
+            *self.goaway(AuthLevel.NONE, UNKNOWN_ID, UNKNOWN_ID),
+            SessionClosed(Outcome.TIMEOUT),
+        ]
 
     def _check_resource(self, msg: Message) -> Outcome | None:
         resource = self.settings.resources.get(msg.resource)
