@@ -220,9 +220,7 @@ def knock(args: argparse.Namespace, config: Config) -> None:
 
     def one(i: int) -> None:
         try:
-            run_session(
-                targets[i], key, user, resource, operation, config.control_timeout, log
-            )
+            run_session(targets[i], key, user, resource, operation, config.control_timeout, log)
         except KnockError as exc:
             errors[i] = str(exc)
 

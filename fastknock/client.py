@@ -87,7 +87,7 @@ def run_session(
                 reply = _receive(sock, target, timeout, resend=None, log=log)
     except ConnectionRefusedError:
         raise KnockError(f"{target}: connection refused") from None
-    except socket.timeout:
+    except TimeoutError:
         raise KnockError(f"{target}: timeout after {timeout:g} s (no reply)") from None
     except OSError as exc:
         raise KnockError(f"{target}: {exc.strerror or exc}") from None
@@ -119,11 +119,11 @@ def _receive(
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise socket.timeout
+            raise TimeoutError
         sock.settimeout(min(left, interval) if resend is not None else left)
         try:
             data = sock.recv(2048)
-        except socket.timeout:
+        except TimeoutError:
             if resend is not None and deadline - time.monotonic() > 0:
                 log(f"{target}: no reply yet, re-sending")
                 sock.send(resend)

@@ -40,26 +40,41 @@ def build_parser() -> argparse.ArgumentParser:
         "protocol and reads letmein's config format.",
     )
     p.add_argument(
-        "-c", "--config", default=DEFAULT_SERVER_CONFIG, metavar="CONF",
+        "-c",
+        "--config",
+        default=DEFAULT_SERVER_CONFIG,
+        metavar="CONF",
         help=f"server configuration file (default: {DEFAULT_SERVER_CONFIG})",
     )
     p.add_argument(
-        "--rundir", default="/run", metavar="DIR",
+        "--rundir",
+        default="/run",
+        metavar="DIR",
         help="runtime directory: fastknockd/ (PID file) and fastknockfwd/ (the firewall "
         "daemon's socket) live below it (default: /run)",
     )
     p.add_argument(
-        "-n", "--num-connections", type=int, default=DEFAULT_MAX_SESSIONS, metavar="N",
+        "-n",
+        "--num-connections",
+        type=int,
+        default=DEFAULT_MAX_SESSIONS,
+        metavar="N",
         help=f"maximum concurrent control sessions (default: {DEFAULT_MAX_SESSIONS})",
     )
     p.add_argument(
-        "-N", "--num-ip-connections", type=int, default=DEFAULT_MAX_PER_SOURCE, metavar="N",
+        "-N",
+        "--num-ip-connections",
+        type=int,
+        default=DEFAULT_MAX_PER_SOURCE,
+        metavar="N",
         help="maximum concurrent sessions per source: IPv4 address or IPv6 /56 "
         f"(default: {DEFAULT_MAX_PER_SOURCE})",
     )
     p.add_argument("--no-systemd", action="store_true", help="ignore systemd socket activation")
     p.add_argument(
-        "--seccomp", choices=["off", "log", "kill"], default=None,
+        "--seccomp",
+        choices=["off", "log", "kill"],
+        default=None,
         help="override [GENERAL] seccomp (not enforced yet: see the hardening issue)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (every reject)")
@@ -105,7 +120,10 @@ class FwdLink:
         if status is not fwproto.FwStatus.ACK:
             log.warning(
                 "[%s] firewall refused resource %08X for user %08X: %s",
-                request.peer, request.resource, request.user, status.name,
+                request.peer,
+                request.resource,
+                request.user,
+                status.name,
             )
             return False
         return True
@@ -136,7 +154,11 @@ async def serve(config: Config, args: argparse.Namespace) -> None:
     protos = ",".join(p for p, on in (("udp", config.port_udp), ("tcp", config.port_tcp)) if on)
     log.info(
         "fastknockd %s listening on port %d/%s (%d users, %d resources, policy %s)",
-        __version__, config.port, protos, len(config.keys), len(config.resources),
+        __version__,
+        config.port,
+        protos,
+        len(config.keys),
+        len(config.resources),
         config.control_error_policy.value,
     )
     try:
