@@ -22,6 +22,10 @@ Design
   ``[NFTABLES]`` if present (validated the same way) and sets ``nftables`` only when it
   names ``chain-input``. ``[CLIENT]`` is accepted in both roles.
 * Mappings in ``Config`` are read-only ``MappingProxyType`` views.
+* fastknock extensions (letmein has none of these): ``[NFTABLES] prefilter = on|off``
+  (default on), ``prefilter-rate`` (default 100 datagrams/s per source),
+  ``prefilter-burst`` (default 200) and ``prefilter-ipv6-prefix`` (default 64): the
+  in-kernel pre-filter of a UDP control port, set up by fastknockfwd (``nft.py``).
 """
 
 from __future__ import annotations
@@ -109,6 +113,13 @@ class NftablesConfig:
     chain_output: str | None = None
     timeout: int = 600
     max_nr_rules: int = 100
+    # In-kernel pre-filter for a UDP control port (fastknock extension, see nft.py):
+    # drop datagrams that are not 56 bytes, and rate-limit each source (an IPv4 address,
+    # or an IPv6 prefix of prefilter-ipv6-prefix bits) to rate/s with a burst.
+    prefilter: bool = True
+    prefilter_rate: int = 100  # datagrams per second per source
+    prefilter_burst: int = 200  # datagrams
+    prefilter_ipv6_prefix: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +149,8 @@ _SECTIONS = ("GENERAL", "NFTABLES", "CLIENT", "KEYS", "RESOURCES")
 _GENERAL = ("debug", "port", "control-timeout", "control-error-policy", "seccomp")
 _NFTABLES = tuple(
     "exe family table chain-input chain-forward chain-output timeout max-nr-rules".split()
-)
+) + ("prefilter", "prefilter-rate", "prefilter-burst", "prefilter-ipv6-prefix")
+_PREFILTER_MAX = 1_000_000  # datagrams/s and burst: far above any real knock rate
 _CLIENT = ("default-user",)
 _FAMILIES = ("inet", "ip", "ip6")
 _CHAINS = ("input", "forward", "output")
@@ -260,11 +272,35 @@ class _Parser(Checker):
                 kw[name.replace("-", "_")] = self.uint(
                     opts[name].value, f"[NFTABLES] {name}", opts[name].line, 1, U32_MAX
                 )
+        self.prefilter(opts, kw)
         if "chain_input" not in kw:
             if self.role == "server":
                 self.fail("[NFTABLES] missing required option 'chain-input'", sect.line)
             return None
         return NftablesConfig(**kw)  # type: ignore[arg-type]
+
+    def prefilter(self, opts: dict[str, RawOption], kw: dict[str, object]) -> None:
+        """``prefilter = on|off`` (also true/false), ``prefilter-rate`` (datagrams/s per
+        source), ``prefilter-burst`` (datagrams), ``prefilter-ipv6-prefix`` (16..128)."""
+        if "prefilter" in opts:
+            opt = opts["prefilter"]
+            word = lower_word(opt.value)
+            flag = {"on": True, "off": False}.get(word, parse_bool(opt.value))
+            if flag is None:
+                self.fail(
+                    f"[NFTABLES] prefilter: bad value {show(strip(opt.value))} (expected on | off)",
+                    opt.line,
+                )
+            kw["prefilter"] = flag
+        for name, lo, hi in (
+            ("prefilter-rate", 1, _PREFILTER_MAX),
+            ("prefilter-burst", 1, _PREFILTER_MAX),
+            ("prefilter-ipv6-prefix", 16, 128),
+        ):
+            if name in opts:
+                kw[name.replace("-", "_")] = self.uint(
+                    opts[name].value, f"[NFTABLES] {name}", opts[name].line, lo, hi
+                )
 
     def client(self, sect: RawSection) -> int | None:
         self.known_options(sect, _CLIENT)

@@ -859,3 +859,45 @@ def test_port_resource_round_trip(
     udp = "udp" in proto.lower()
     tcp = "tcp" in proto.lower() or not udp
     assert res == PortResource(0xCAFE0001, port, tcp, udp, users, timeout)
+
+
+# --------------------------------------------------------------------------- pre-filter
+
+
+def test_prefilter_defaults() -> None:
+    nft = client(NFT).nftables
+    assert nft is not None
+    assert (nft.prefilter, nft.prefilter_rate, nft.prefilter_burst) == (True, 100, 200)
+    assert nft.prefilter_ipv6_prefix == 64
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("on", True), ("off", False), (" OFF ", False), ("true", True), ("false", False)],
+)
+def test_prefilter_switch(value: str, expected: bool) -> None:
+    nft = client(NFT + f"prefilter = {value}\n").nftables
+    assert nft is not None and nft.prefilter is expected
+
+
+def test_prefilter_numbers() -> None:
+    text = NFT + "prefilter-rate = 50\nprefilter-burst = 0x10\nprefilter-ipv6-prefix = 56\n"
+    nft = client(text).nftables
+    assert nft is not None
+    assert (nft.prefilter_rate, nft.prefilter_burst, nft.prefilter_ipv6_prefix) == (50, 16, 56)
+
+
+@pytest.mark.parametrize(
+    ("line", "fragments"),
+    [
+        ("prefilter = maybe", ("[NFTABLES] prefilter", "'maybe'", "on | off")),
+        ("prefilter-rate = 0", ("[NFTABLES] prefilter-rate", "'0'")),
+        ("prefilter-rate = 1.5", ("[NFTABLES] prefilter-rate", "whole number")),
+        ("prefilter-burst = 1000001", ("[NFTABLES] prefilter-burst", "1..1000000")),
+        ("prefilter-ipv6-prefix = 8", ("[NFTABLES] prefilter-ipv6-prefix", "16..128")),
+        ("prefilter-ipv6-prefix = 129", ("[NFTABLES] prefilter-ipv6-prefix",)),
+        ("prefilter-size = 56", ("[NFTABLES] unknown option 'prefilter-size'",)),
+    ],
+)
+def test_prefilter_errors(line: str, fragments: tuple[str, ...]) -> None:
+    check(NFT + line + "\n", 3, *fragments)
