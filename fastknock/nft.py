@@ -29,6 +29,9 @@ rare, so one simple mechanism serves both cases. DEADLINE is a Unix time, so a r
 daemon finds the rules, counts them and removes them when they are due. While the daemon
 is stopped, jump leases do not expire; port leases do.
 
+*Pre-filter*: with a UDP control port, the rules of ``prefilter.py`` go first in
+chain-input (wrong sizes and per-source floods dropped in the kernel).
+
 Static rules are found by their ``fastknock:`` comment, so restarts never duplicate them;
 rules without that comment are never touched. The daemon never flushes anything.
 
@@ -59,6 +62,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from fastknock import prefilter
 from fastknock.config import NftablesConfig
 from fastknock.errors import FirewallError
 
@@ -289,8 +293,16 @@ class Firewall:
                 )
         return rules
 
+    def _udp_control_port(self) -> int | None:
+        return next((port for proto, port in self.control if proto == "udp"), None)
+
+    def prefilter_rules(self) -> list[tuple[str, str]]:
+        """(comment, rule) of the pre-filter (``prefilter.rules``), in chain order."""
+        return prefilter.rules(self.cfg, self.versions, self._udp_control_port())
+
     def setup(self) -> None:
-        """Create missing sets and static rules; drop stale or duplicated own static rules."""
+        """Create missing sets and static rules; drop stale or duplicated own static rules;
+        put the pre-filter in place (or remove it)."""
         self.check()
         cmds = []
         for version in self.versions:
@@ -303,8 +315,14 @@ class Firewall:
         wanted = self.static_rules()
         seen: set[str] = set()
         chain = self.cfg.chain_input
-        for comment, handle in self._own_rules(chain):
-            if comment.startswith(JUMP_PREFIX):
+        rules = self._chain_rules(chain)
+        cmds += prefilter.commands(
+            self.cfg, self._where, self.versions, self._udp_control_port(), rules
+        )
+        for comment, handle in rules:
+            if not comment.startswith(COMMENT_PREFIX):
+                continue
+            if comment.startswith((JUMP_PREFIX, prefilter.COMMENT_PREFIX)):
                 continue
             if comment in wanted and comment not in seen:
                 seen.add(comment)
@@ -334,13 +352,16 @@ class Firewall:
 
     def _own_rules(self, chain: str) -> list[tuple[str, int]]:
         """(comment, handle) of the rules with a fastknock comment in ``chain``."""
+        return [(c, h) for c, h in self._chain_rules(chain) if c.startswith(COMMENT_PREFIX)]
+
+    def _chain_rules(self, chain: str) -> list[tuple[str, int]]:
+        """(comment or "", handle) of every rule in ``chain``, in chain order."""
         found = []
         for item in self._json(f"list chain {self._where} {chain}"):
             rule = item.get("rule")
             if isinstance(rule, dict):
                 comment = rule.get("comment")
-                if isinstance(comment, str) and comment.startswith(COMMENT_PREFIX):
-                    found.append((comment, int(rule["handle"])))
+                found.append((comment if isinstance(comment, str) else "", int(rule["handle"])))
         return found
 
     def scan(self) -> list[LiveLease]:
