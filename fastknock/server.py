@@ -6,6 +6,11 @@ control port(s) dual-stack (one IPv6 socket that also accepts IPv4-mapped peers,
 only where the kernel has no IPv6), runs on uvloop when importable (asyncio otherwise),
 forwards firewall requests to fastknockfwd over its Unix socket with the config checksum,
 writes a PID file and stops cleanly on SIGTERM/SIGINT, even with sessions in flight.
+
+The UDP control port is read by the batched receive path (``recv.py``: recvmmsg, the fused
+check in C) unless ``--udp-path protocol`` asks for the plain asyncio ``DatagramProtocol``.
+``--workers N`` runs N such processes on one SO_REUSEPORT group (``workers.py``);
+``--metrics-file`` writes the counters in Prometheus text format (``metrics.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from fastknock import __version__, fwproto
+from fastknock import __version__, fwproto, metrics, recv, workers
 from fastknock.config import DEFAULT_SERVER_CONFIG, Config, load_config
 from fastknock.control import Controller, Limits, UdpControl
 from fastknock.errors import ConfigError, FastknockError
@@ -77,12 +82,40 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="override [GENERAL] seccomp (not enforced yet: see the hardening issue)",
     )
+    p.add_argument(
+        "--udp-path",
+        choices=recv.PATHS,
+        default="batched",
+        help="UDP receive path: batched (recvmmsg, checks in C; default) or protocol "
+        "(asyncio DatagramProtocol, one callback per datagram)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="receive processes on one SO_REUSEPORT socket group (default: 1); -n and -N "
+        "apply per worker",
+    )
+    p.add_argument(
+        "--metrics-file",
+        metavar="PATH",
+        help="write counters in Prometheus text format to PATH (node_exporter textfile "
+        "collector); with --workers N, worker i writes PATH.worker<i>.prom",
+    )
+    p.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="seconds between metrics writes (default: 15)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (every reject)")
     p.add_argument("--version", action="version", version=f"fastknockd {__version__}")
     return p
 
 
-def _bind(port: int, kind: socket.SocketKind) -> socket.socket:
+def _bind(port: int, kind: socket.SocketKind, reuseport: bool = False) -> socket.socket:
     """A dual-stack socket on ``port`` (IPv4-only if the kernel lacks IPv6)."""
     try:
         sock = socket.socket(socket.AF_INET6, kind)
@@ -94,6 +127,8 @@ def _bind(port: int, kind: socket.SocketKind) -> socket.socket:
     try:
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(addr)
         sock.setblocking(False)
     except OSError:
@@ -129,7 +164,23 @@ class FwdLink:
         return True
 
 
-async def serve(config: Config, args: argparse.Namespace) -> None:
+Sockets = tuple[socket.socket | None, socket.socket | None]  # (UDP, TCP)
+
+
+def _bind_control(config: Config, reuseport: bool = False) -> Sockets:
+    udp = _bind(config.port, socket.SOCK_DGRAM, reuseport) if config.port_udp else None
+    try:
+        tcp = _bind(config.port, socket.SOCK_STREAM, reuseport) if config.port_tcp else None
+    except OSError:
+        if udp is not None:
+            udp.close()
+        raise
+    return udp, tcp
+
+
+async def serve(
+    config: Config, args: argparse.Namespace, socks: Sockets | None = None, worker: int = 0
+) -> None:
     loop = asyncio.get_running_loop()
     core = ServerCore(ServerSettings.from_config(config), os.urandom)
     controller = Controller(
@@ -143,14 +194,21 @@ async def serve(config: Config, args: argparse.Namespace) -> None:
 
     udp: UdpControl | None = None
     tcp: asyncio.base_events.Server | None = None
-    if config.port_udp:
-        _, udp = await loop.create_datagram_endpoint(
-            lambda: UdpControl(controller), sock=_bind(config.port, socket.SOCK_DGRAM)
+    udp_sock, tcp_sock = socks if socks is not None else _bind_control(config)
+    if udp_sock is not None:
+        udp = await recv.open_udp(controller, udp_sock, args.udp_path)
+    if tcp_sock is not None:
+        tcp = await asyncio.start_server(controller.handle_tcp, sock=tcp_sock, backlog=128)
+    writer = None
+    if args.metrics_file:
+        info = {"version": __version__, "udp_path": args.udp_path, "reader": recv.IMPLEMENTATION}
+        writer = metrics.MetricsWriter(
+            metrics.worker_path(args.metrics_file, worker, args.workers),
+            lambda: metrics.server_families(controller.counters, controller.limits.total, info),
+            args.metrics_interval,
+            (("worker", str(worker)),) if args.workers > 1 else (),
         )
-    if config.port_tcp:
-        tcp = await asyncio.start_server(
-            controller.handle_tcp, sock=_bind(config.port, socket.SOCK_STREAM), backlog=128
-        )
+        writer.start()
     protos = ",".join(p for p, on in (("udp", config.port_udp), ("tcp", config.port_tcp)) if on)
     log.info(
         "fastknockd %s listening on port %d/%s (%d users, %d resources, policy %s)",
@@ -172,6 +230,8 @@ async def serve(config: Config, args: argparse.Namespace) -> None:
         await controller.close()
         if tcp is not None:
             await tcp.wait_closed()
+        if writer is not None:
+            await writer.stop()
 
 
 def _write_pid(rundir: str) -> str:
@@ -191,6 +251,27 @@ def _run(coro: object) -> None:
         asyncio.run(coro)  # type: ignore[arg-type]
         return
     uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def _run_workers(config: Config, args: argparse.Namespace) -> int:
+    groups = [_bind_control(config, reuseport=True) for _ in range(args.workers)]
+
+    def child(index: int) -> int:
+        for i, group in enumerate(groups):
+            if i != index:
+                for sock in group:
+                    if sock is not None:
+                        sock.close()
+        _run(serve(config, args, groups[index], index))
+        return 0
+
+    try:
+        return workers.supervise(args.workers, child)
+    finally:
+        for group in groups:
+            for sock in group:
+                if sock is not None:
+                    sock.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,13 +294,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     seccomp = args.seccomp or config.seccomp.value
     if seccomp != "off":
         log.warning("seccomp = %s requested: not enforced by this version yet", seccomp)
+    if args.workers < 1 or args.metrics_interval <= 0:
+        print("fastknockd: --workers and --metrics-interval must be positive", file=sys.stderr)
+        return 2
     try:
         pid_file = _write_pid(args.rundir)
     except OSError as exc:
         print(f"fastknockd: cannot write PID file below {args.rundir}: {exc}", file=sys.stderr)
         return 1
     try:
-        _run(serve(config, args))
+        if args.workers == 1:
+            _run(serve(config, args))
+        else:
+            return _run_workers(config, args)
     except OSError as exc:
         print(f"fastknockd: {exc}", file=sys.stderr)
         return 1
