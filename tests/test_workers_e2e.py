@@ -1,0 +1,128 @@
+"""fastknockd ``--workers`` and ``--metrics-file`` end to end (namespaces, both daemons).
+
+Two workers on one SO_REUSEPORT group serve knocks from 24 source ports: every knock
+completes (KNOCK -> CHALLENGE -> RESPONSE -> COMEIN, judged with the independent codec of
+``tests.e2e_support``), both workers took part (the kernel spreads by source port; all 24
+on one worker has probability 2**-23), and the per-worker metrics files add up to what was
+sent, including forged KNOCKs that the batched path rejected in C. SIGTERM to the parent
+stops the workers too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import netns
+from tests.e2e_support import (
+    CHALLENGE,
+    COMEIN,
+    KEY1,
+    KNOCK,
+    RESPONSE,
+    USER1,
+    Stack,
+    flip,
+    port_res,
+    signed,
+    unpack,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+RES = port_res(0x00000022, 2222)
+KNOCKS = 24
+FORGED = 10
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    netns.require()
+    s = Stack(
+        "workers",
+        [RES],
+        server_args=[
+            "--workers",
+            "2",
+            "--metrics-file",
+            str(tmp_path / "fastknockd.prom"),
+            "--metrics-interval",
+            "0.1",
+        ],
+    )
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name)}\{{[^}}]*{labels}[^}}]*\}} (\S+)$", text, re.M)
+    if m is None:
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, f"{name} {labels} missing in:\n{text}"
+    return float(m.group(1))
+
+
+def _knock(stack: Stack, src: str) -> bool:
+    peer = stack.udp(src)
+    try:
+        peer.send(signed(KEY1, KNOCK, USER1, RES.id))
+        reply = peer.recv(5.0)
+        if reply is None or unpack(reply).op != CHALLENGE:
+            return False
+        peer.send(signed(KEY1, RESPONSE, USER1, RES.id, unpack(reply).auth))
+        reply = peer.recv(5.0)
+        return reply is not None and unpack(reply).op == COMEIN
+    finally:
+        peer.close()
+
+
+def test_two_workers_serve_and_count(stack: Stack, tmp_path: Path) -> None:
+    assert stack.server is not None
+    pids = [int(p) for p in re.findall(r"workers started: pids ([\d ]+)", stack.server_log())[0]
+            .split()]  # fmt: skip
+    assert len(pids) == 2 and all(os.path.exists(f"/proc/{p}") for p in pids)
+    _, me, other = stack.addrs(v6=False)
+    assert all(_knock(stack, me) for _ in range(KNOCKS))
+    peer = stack.udp(other)
+    for _ in range(FORGED):
+        peer.send(flip(signed(KEY1, KNOCK, USER1, RES.id), 40))
+    assert peer.drain(0.3) == []  # stealth: nothing back
+    peer.close()
+
+    files = [tmp_path / "fastknockd.worker0.prom", tmp_path / "fastknockd.worker1.prom"]
+
+    def totals() -> tuple[float, float, list[float]]:
+        texts = [f.read_text() if f.exists() else "" for f in files]
+        if not all(texts):
+            return 0, 0, []
+        knocks = [_metric(t, "fastknockd_knocks_total") for t in texts]
+        macs = sum(_metric(t, "fastknockd_rejected_total", 'reason="mac"') for t in texts)
+        return sum(knocks), macs, knocks
+
+    wait_for("metrics", lambda: totals()[:2] == (KNOCKS, FORGED))
+    _, _, per_worker = totals()
+    assert all(k > 0 for k in per_worker), per_worker  # both workers served knocks
+    text = files[0].read_text()
+    assert 'worker="0"' in text and 'reader="' in text and 'udp_path="batched"' in text
+
+    assert stack.server.stop() == 0
+    wait_for("workers gone", lambda: not any(os.path.exists(f"/proc/{p}") for p in pids))
+    assert "Traceback" not in stack.server_log()
+
+
+def test_a_dead_worker_stops_the_group(stack: Stack) -> None:
+    assert stack.server is not None
+    pids = [int(p) for p in re.findall(r"workers started: pids ([\d ]+)", stack.server_log())[0]
+            .split()]  # fmt: skip
+    os.kill(pids[0], signal.SIGKILL)  # our own child process, by PID
+    wait_for("group stopped", lambda: not stack.server.alive())  # type: ignore[union-attr]
+    assert stack.server.proc.returncode == 128 + signal.SIGKILL
+    assert not os.path.exists(f"/proc/{pids[1]}")
