@@ -115,8 +115,8 @@ def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".fastknock-metrics-", dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), mode)  # fchmod: in the seccomp allow-lists' "files" group
             f.write(text)
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
