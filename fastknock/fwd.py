@@ -29,7 +29,8 @@ fwproto and nft: little code runs as root.
 - SIGTERM/SIGINT: stop accepting, finish the batch in flight, remove socket and PID file,
   exit 0. Leases stay in the kernel (see ``nft``'s header for how an admin flushes them).
 - Counters (``Daemon.stats``) are logged per transaction with ``-v``, on SIGUSR1 and at
-  exit (``stats: requests=... transactions=...``).
+  exit (``stats: requests=... transactions=...``), and with ``--metrics-file`` written in
+  Prometheus text format every ``--metrics-interval`` seconds (``metrics``: stdlib only).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastknock import config as configmod
-from fastknock import fwproto, hygiene, privs, seccomp, systemd
+from fastknock import fwproto, hygiene, metrics, privs, seccomp, systemd
 from fastknock.config import Config, JumpResource
 from fastknock.errors import ConfigError, FirewallError, WireError
 from fastknock.fwproto import FwOp, FwRequest, FwStatus
@@ -136,7 +137,14 @@ class Daemon:
             "changes": s.changes,
             "fallbacks": s.fallbacks,
             "live": len(self.leases),
+            "batches": self.counts["batches"],
+            "failed_transactions": s.failed_transactions,
+            "refused_peers": self.counts["refused_peers"],
         }
+
+    def metric_families(self) -> list[metrics.Family]:
+        replies = {k: v for k, v in self.counts.items() if k.startswith("status_")}
+        return metrics.fwd_families({**self.stats, **replies})
 
     def log_stats(self) -> None:
         log.info("stats: %s", " ".join(f"{k}={v}" for k, v in self.stats.items()))
@@ -189,6 +197,7 @@ class Daemon:
             self._enqueue(_Item(checked, req.op == FwOp.INSTALL, future))
             status = await future
         self.counts["acks" if status == FwStatus.ACK else "nacks"] += 1
+        self.counts[f"status_{status.name.lower()}"] += 1
         what = "install" if req.op == FwOp.INSTALL else "revoke"
         log.log(
             logging.INFO if status == FwStatus.ACK else logging.WARNING,
@@ -215,6 +224,7 @@ class Daemon:
 
     async def _run_batch(self, batch: list[_Item]) -> None:
         assert self.cfg.nftables is not None
+        self.counts["batches"] += 1
         cap = self.cfg.nftables.max_nr_rules
         planned: dict[LeaseKey, Change] = {}
         accepted: list[_Item] = []
@@ -411,6 +421,12 @@ async def _serve(args: argparse.Namespace, cfg: Config, fw: Firewall, peer: Peer
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     sweeper = loop.create_task(daemon.sweep())
+    writer = None
+    if args.metrics_file:
+        writer = metrics.MetricsWriter(
+            args.metrics_file, daemon.metric_families, args.metrics_interval
+        )
+        writer.start()
     # Initialised: from here on only CAP_NET_ADMIN (uid 0 stays, to read the root-owned
     # config on reload), and the seccomp allow-list.
     if privs.keep_only_net_admin():
@@ -431,6 +447,8 @@ async def _serve(args: argparse.Namespace, cfg: Config, fw: Firewall, peer: Peer
         server.close()
         sweeper.cancel()
         await daemon.drain()
+        if writer is not None:
+            await writer.stop()
         for p in (path, pidfile):
             if not p:
                 continue
@@ -476,7 +494,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nft-exe", action="store_true", help="use [NFTABLES] exe, not libnftables")
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--list", action="store_true", help="print the live leases and exit")
+    ap.add_argument(
+        "--metrics-file",
+        metavar="PATH",
+        help="write counters in Prometheus text format to PATH (node_exporter textfile)",
+    )
+    ap.add_argument("--metrics-interval", type=float, default=15.0, metavar="SECONDS")
     args = ap.parse_args(argv)
+    if args.metrics_interval <= 0:
+        ap.error("--metrics-interval must be positive")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="fastknockfwd: %(levelname)s: %(message)s",

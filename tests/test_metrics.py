@@ -202,3 +202,26 @@ def test_writer_task_writes_periodically_and_at_stop(tmp_path: Path) -> None:
 def test_writer_interval_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         MetricsWriter(str(tmp_path / "m"), lambda: [], 0)
+
+
+def test_fwd_daemon_counts_requests_batches_leases_and_errors() -> None:
+    from fastknock.fwproto import FwOp
+    from tests.test_fwd import daemon, req
+
+    d = daemon()
+
+    async def main() -> None:
+        await asyncio.gather(d.submit(req(1)), d.submit(req(2, "192.0.2.2")))
+        await d.submit(req(3))  # port 0: refused before any batch
+        await d.submit(req(1, op=FwOp.REVOKE))
+
+    asyncio.run(main())
+    got = parse(render(d.metric_families()))
+    assert got[("fastknockfwd_requests_total", ())] == 4
+    assert got[("fastknockfwd_acks_total", ())] == 3
+    assert got[("fastknockfwd_nacks_total", ())] == 1
+    assert got[("fastknockfwd_replies_total", (("status", "bad_port"),))] == 1
+    assert got[("fastknockfwd_replies_total", (("status", "ack"),))] == 3
+    assert 2 <= got[("fastknockfwd_batches_total", ())] <= 3  # the first two may share one
+    assert got[("fastknockfwd_leases", ())] == 2  # tcp/22 revoked; tcp+udp/53 live
+    assert got[("fastknockfwd_failed_transactions_total", ())] == 0
