@@ -25,6 +25,16 @@ from typing import Literal
 
 log = logging.getLogger("fastknock.seccomp")
 
+# Imported now, not in install(): install() runs after the privilege drop, when the Python
+# installation may no longer be readable (e.g. under a 0700 /root).
+try:
+    import pyseccomp as _sc
+except (ImportError, OSError) as _exc:  # libseccomp missing: install() says so if needed
+    _sc = None
+    _IMPORT_ERROR: BaseException | None = _exc
+else:
+    _IMPORT_ERROR = None
+
 Profile = Literal["server", "fwd", "client"]
 
 CLONE_THREAD = 0x00010000
@@ -205,10 +215,9 @@ def install(mode: str, profile: Profile) -> None:
         return
     if mode not in ("log", "kill"):
         raise ValueError(f"seccomp mode must be off, log or kill, not {mode!r}")
-    try:
-        import pyseccomp as sc
-    except (ImportError, OSError) as exc:
-        raise RuntimeError(f"seccomp = {mode} needs pyseccomp and libseccomp: {exc}") from exc
+    sc = _sc
+    if sc is None:
+        raise RuntimeError(f"seccomp = {mode} needs pyseccomp and libseccomp: {_IMPORT_ERROR}")
 
     default = sc.KILL_PROCESS if mode == "kill" else sc.LOG
     flt = sc.SyscallFilter(default)

@@ -11,6 +11,15 @@ The UDP control port is read by the batched receive path (``recv.py``: recvmmsg,
 check in C) unless ``--udp-path protocol`` asks for the plain asyncio ``DatagramProtocol``.
 ``--workers N`` runs N such processes on one SO_REUSEPORT group (``workers.py``);
 ``--metrics-file`` writes the counters in Prometheus text format (``metrics.py``).
+
+Hardening, in start-up order: read and check the config (permission warnings like
+letmein's), take the control sockets from systemd (socket activation) or bind them, write
+the PID file, drop root for good to ``--user`` (default ``fastknock``: no groups, no
+capabilities, no_new_privs), start serving, install the seccomp allow-list
+(``seccomp.py``), tell systemd READY. SIGHUP re-reads the config: a valid one replaces the
+core (new sessions use it; sessions in flight finish on the old), a bad one is logged and
+the old one keeps serving. The control port itself cannot change without a restart (the
+sockets were bound as root).
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from fastknock import __version__, fwproto, metrics, recv, workers
+from fastknock import __version__, fwproto, hygiene, metrics, privs, recv, seccomp, systemd, workers
 from fastknock.config import DEFAULT_SERVER_CONFIG, Config, load_config
 from fastknock.control import Controller, Limits, UdpControl
 from fastknock.errors import ConfigError, FastknockError
@@ -109,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=15.0,
         metavar="SECONDS",
         help="seconds between metrics writes (default: 15)",
+    )
+    p.add_argument(
+        "--user",
+        default=privs.DEFAULT_USER,
+        help="started as root, drop to this account once the sockets are bound "
+        f"(default: {privs.DEFAULT_USER}; fastknock-install creates it)",
+    )
+    p.add_argument("--group", help="drop to this group (default: the account's own)")
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the config, print a summary (never keys) and exit (non-zero on error)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (every reject)")
     p.add_argument("--version", action="version", version=f"fastknockd {__version__}")
@@ -195,6 +216,11 @@ async def serve(
     udp: UdpControl | None = None
     tcp: asyncio.base_events.Server | None = None
     udp_sock, tcp_sock = socks if socks is not None else _bind_control(config)
+    fwd_link = controller.firewall
+    loop.add_signal_handler(
+        signal.SIGHUP,
+        lambda: _reload(args, controller, fwd_link, config),  # type: ignore[arg-type]
+    )
     if udp_sock is not None:
         udp = await recv.open_udp(controller, udp_sock, args.udp_path)
     if tcp_sock is not None:
@@ -219,10 +245,15 @@ async def serve(
         len(config.resources),
         config.control_error_policy.value,
     )
+    seccomp.install(args.seccomp_mode, "server")
+    if not args.no_systemd:
+        systemd.notify("READY=1")
     try:
         await stop.wait()
     finally:
         log.info("fastknockd stopping")
+        if not args.no_systemd:
+            systemd.notify("STOPPING=1")
         if tcp is not None:
             tcp.close()
         if udp is not None:
@@ -232,6 +263,78 @@ async def serve(
             await tcp.wait_closed()
         if writer is not None:
             await writer.stop()
+
+
+def _reload(args: argparse.Namespace, controller: Controller, link: FwdLink, old: Config) -> None:
+    """SIGHUP: validate the new config, then swap the core; a bad one changes nothing."""
+    if not args.no_systemd:
+        systemd.notify("RELOADING=1")
+    try:
+        new = load_config(args.config, role="server")
+    except ConfigError as exc:
+        log.error("reload failed, keeping the old configuration: %s", exc)
+    else:
+        if (new.port, new.port_udp, new.port_tcp) != (old.port, old.port_udp, old.port_tcp):
+            log.warning("the control port changed: that takes a restart; the rest applies now")
+        controller.core = ServerCore(ServerSettings.from_config(new), os.urandom)
+        controller.timeout = new.control_timeout
+        link.checksum = new.checksum
+        log.info("reloaded %s (%d users, %d resources)", new.source, len(new.keys),
+                 len(new.resources))  # fmt: skip
+    finally:
+        if not args.no_systemd:
+            systemd.notify("READY=1")
+
+
+def summary(config: Config) -> str:
+    """What --check-config prints: ports, users and resources; never a key."""
+    from fastknock.config import PortResource
+
+    protos = ",".join(p for p, on in (("udp", config.port_udp), ("tcp", config.port_tcp)) if on)
+    lines = [
+        f"config {config.source}: OK",
+        f"control port {config.port}/{protos}, timeout {config.control_timeout:g} s, "
+        f"error policy {config.control_error_policy.value}, seccomp {config.seccomp.value}",
+        f"users ({len(config.keys)}): " + " ".join(f"{u:08X}" for u in sorted(config.keys)),
+        f"resources ({len(config.resources)}):",
+    ]
+    for rid, res in sorted(config.resources.items()):
+        users = "all" if res.users is None else ",".join(f"{u:08X}" for u in sorted(res.users))
+        timeout = f"{res.timeout} s" if res.timeout is not None else "default"
+        if isinstance(res, PortResource):
+            what = f"port {res.port}/" + ",".join(
+                p for p, on in (("tcp", res.tcp), ("udp", res.udp)) if on
+            )
+        else:
+            what = "jump " + " ".join(
+                f"{hook}:{chain}" for hook, chain in
+                (("input", res.input), ("forward", res.forward), ("output", res.output)) if chain
+            )  # fmt: skip
+        lines.append(f"  {rid:08X}  {what}  users {users}  timeout {timeout}")
+    if config.nftables is not None:
+        n = config.nftables
+        lines.append(
+            f"nftables {n.family} {n.table} input {n.chain_input}, lease timeout {n.timeout} s, "
+            f"max-nr-rules {n.max_nr_rules}"
+        )
+    return "\n".join(lines)
+
+
+def _activated_sockets() -> Sockets | None:
+    """The control sockets passed by systemd (fastknockd.socket), or None."""
+    socks = systemd.listen_fds()
+    if not socks:
+        return None
+    udp = tcp = None
+    for sock in socks:
+        sock.setblocking(False)
+        if sock.type == socket.SOCK_DGRAM and udp is None:
+            udp = sock
+        elif sock.type == socket.SOCK_STREAM and tcp is None:
+            tcp = sock
+        else:
+            sock.close()
+    return udp, tcp
 
 
 def _write_pid(rundir: str) -> str:
@@ -253,8 +356,7 @@ def _run(coro: object) -> None:
     uvloop.run(coro)  # type: ignore[arg-type]
 
 
-def _run_workers(config: Config, args: argparse.Namespace) -> int:
-    groups = [_bind_control(config, reuseport=True) for _ in range(args.workers)]
+def _run_workers(config: Config, args: argparse.Namespace, groups: list[Sockets]) -> int:
 
     def child(index: int) -> int:
         for i, group in enumerate(groups):
@@ -286,27 +388,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fastknockd: {exc}", file=sys.stderr)
         return 2
+    for warning in hygiene.permission_warnings(args.config, config, "server"):
+        log.warning("%s", warning)
+    if args.check_config:
+        print(summary(config))
+        return 0
     if config.debug and not args.verbose:
         logging.getLogger().setLevel(logging.DEBUG)
     if args.num_connections < 1 or args.num_ip_connections < 1:
         print("fastknockd: -n and -N must be at least 1", file=sys.stderr)
         return 2
-    seccomp = args.seccomp or config.seccomp.value
-    if seccomp != "off":
-        log.warning("seccomp = %s requested: not enforced by this version yet", seccomp)
+    args.seccomp_mode = args.seccomp or config.seccomp.value
     if args.workers < 1 or args.metrics_interval <= 0:
         print("fastknockd: --workers and --metrics-interval must be positive", file=sys.stderr)
         return 2
     try:
+        account = privs.lookup(args.user, args.group) if os.geteuid() == 0 else None
+        activated = None if args.no_systemd else _activated_sockets()
+        if activated is not None and args.workers > 1:
+            raise FastknockError("--workers needs sockets of its own: not with socket activation")
+        if activated is not None:
+            groups = [activated]
+        else:
+            reuse = args.workers > 1
+            groups = [_bind_control(config, reuseport=reuse) for _ in range(args.workers)]
         pid_file = _write_pid(args.rundir)
-    except OSError as exc:
-        print(f"fastknockd: cannot write PID file below {args.rundir}: {exc}", file=sys.stderr)
+        if account is not None:
+            os.chown(os.path.dirname(pid_file), *account)  # so it can remove it at exit
+            os.chown(pid_file, *account)
+            privs.drop_to(args.user, args.group)
+            log.info("dropped privileges to %s (uid %d, gid %d)", args.user, *account)
+    except (FastknockError, OSError) as exc:
+        print(f"fastknockd: {exc}", file=sys.stderr)
         return 1
     try:
         if args.workers == 1:
-            _run(serve(config, args))
+            _run(serve(config, args, groups[0]))
         else:
-            return _run_workers(config, args)
+            return _run_workers(config, args, groups)
     except OSError as exc:
         print(f"fastknockd: {exc}", file=sys.stderr)
         return 1

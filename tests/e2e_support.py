@@ -344,6 +344,8 @@ USER1, USER2 = 0x00000001, 0x00000002
 KEY1 = bytes.fromhex("80E9C81DFA4879B2C64910E1B6870DA42DFB82261B76C859F3A0F5A09DEA2A3D")
 KEY2 = bytes.fromhex("1F2E3D4C5B6A79880F1E2D3C4B5A69788796A5B4C3D2E1F00112233445566778")
 CONTROL_PORT = 5800
+# fastknockd started as root drops to this account (it exists on every Debian system).
+SERVER_USER = "nobody"
 
 
 @dataclass(frozen=True)
@@ -488,6 +490,9 @@ class Stack:
         self.work = Path(self._exit.enter_context(_tempdir(f"fk-e2e-{name}-")))
         self.rundir = self.work / "run"
         self.rundir.mkdir()
+        # fastknockd drops root to SERVER_USER: it must reach the firewall daemon's socket.
+        os.chmod(self.work, 0o755)  # noqa: S103
+        os.chmod(self.rundir, 0o755)  # noqa: S103
         self.server_conf = self.work / "fastknockd.conf"
         self.server_conf.write_text(server_config(resources, policy, timeout, lease_timeout))
         self.server_conf.chmod(0o600)
@@ -565,6 +570,8 @@ class Stack:
                 "--rundir",
                 str(self.rundir),
                 "--test-mode",
+                "--server-user",
+                SERVER_USER,
                 "--no-systemd",
                 "-v",
             ],
@@ -593,6 +600,8 @@ class Stack:
                 "--rundir",
                 str(self.rundir),
                 "--no-systemd",
+                "--user",
+                SERVER_USER,
                 "-v",
                 *self.server_args,
                 *extra,
