@@ -130,11 +130,15 @@ def gen_key(user: int | None) -> str:
 def _load(path: str) -> Config:
     from fastknock.config import load_config
     from fastknock.errors import ConfigError
+    from fastknock.hygiene import permission_warnings
 
     try:
-        return load_config(path, role="client")
+        config = load_config(path, role="client")
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    for warning in permission_warnings(path, config, "client"):
+        print(f"fastknock: warning: {warning}", file=sys.stderr)
+    return config
 
 
 def _pick_resource(config: Config, args: argparse.Namespace, user: int) -> int:

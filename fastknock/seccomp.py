@@ -11,7 +11,8 @@ The lists are by name; names the running architecture lacks (e.g. ``open``, ``po
 so one list serves x86_64 and aarch64. Threads are allowed (``clone`` with CLONE_THREAD, as
 Python's threads and libuv's pool need), new processes are not: ``fork``/``vfork``/``clone``
 without CLONE_THREAD, ``execve``/``execveat`` and ``ptrace`` are outside every list. ``clone3``
-answers ENOSYS so that glibc falls back to the filterable ``clone``.
+answers ENOSYS so that glibc falls back to the filterable ``clone``; so does io_uring (a
+large kernel attack surface that none of the programs needs).
 
 Note for fastknockfwd: with seccomp on it must talk to nftables through libnftables (netlink,
 in-process); the ``nft`` executable fallback needs execve and is refused under ``kill``.
@@ -205,6 +206,23 @@ def syscalls(profile: Profile) -> list[str]:
     return sorted(set(names))
 
 
+def forbid_io_uring() -> None:
+    """An early filter, before any event loop exists: io_uring_setup answers ENOSYS.
+
+    libuv (under uvloop) sets up an io_uring at loop creation to batch epoll_ctl calls, and
+    operations submitted through io_uring bypass seccomp. With this in place libuv falls back
+    to plain epoll_ctl, and the allow-list installed later can refuse io_uring altogether.
+    """
+    sc = _sc
+    if sc is None:
+        raise RuntimeError(f"seccomp needs pyseccomp and libseccomp: {_IMPORT_ERROR}")
+    flt = sc.SyscallFilter(sc.ALLOW)
+    for name in ("io_uring_setup", "io_uring_enter", "io_uring_register"):
+        if sc.resolve_syscall(sc.Arch.NATIVE, name) >= 0:
+            flt.add_rule(sc.ERRNO(errno.ENOSYS), name)
+    flt.load()
+
+
 def install(mode: str, profile: Profile) -> None:
     """Install the filter for ``profile`` in this process (and its future threads).
 
@@ -229,7 +247,10 @@ def install(mode: str, profile: Profile) -> None:
         allowed += 1
     # Threads yes, processes no.
     flt.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
-    if sc.resolve_syscall(sc.Arch.NATIVE, "clone3") >= 0:
-        flt.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    # "Not implemented" rather than death where a library probes and falls back: clone3 (glibc
+    # falls back to clone) and io_uring (see forbid_io_uring).
+    for name in ("clone3", "io_uring_setup", "io_uring_enter", "io_uring_register"):
+        if sc.resolve_syscall(sc.Arch.NATIVE, name) >= 0:
+            flt.add_rule(sc.ERRNO(errno.ENOSYS), name)
     flt.load()
     log.info("seccomp (%s) installed for %s: %d syscalls allowed", mode, profile, allowed + 1)

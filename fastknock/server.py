@@ -40,6 +40,13 @@ from fastknock.errors import ConfigError, FastknockError
 from fastknock.message import Operation
 from fastknock.protocol import FirewallRequest, ServerCore, ServerSettings
 
+# Imported at start-up, not when the loop starts: by then root is dropped and the Python
+# installation may be unreadable (e.g. below a 0700 /root).
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+    uvloop = None  # type: ignore[assignment]
+
 log = logging.getLogger("fastknockd")
 
 DEFAULT_MAX_SESSIONS = 64
@@ -347,11 +354,9 @@ def _write_pid(rundir: str) -> str:
 
 
 def _run(coro: object) -> None:
-    try:
-        import uvloop
-    except ImportError:
+    if uvloop is None:
         log.debug("uvloop not available, using asyncio")
-        asyncio.run(coro)  # type: ignore[arg-type]
+        asyncio.run(coro)
         return
     uvloop.run(coro)  # type: ignore[arg-type]
 
@@ -399,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fastknockd: -n and -N must be at least 1", file=sys.stderr)
         return 2
     args.seccomp_mode = args.seccomp or config.seccomp.value
+    if args.seccomp_mode != "off":
+        seccomp.forbid_io_uring()  # before any event loop exists (see seccomp.py)
     if args.workers < 1 or args.metrics_interval <= 0:
         print("fastknockd: --workers and --metrics-interval must be positive", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import hmac
 import os
+import pwd
 import re
 import secrets
 import selectors
@@ -482,10 +483,13 @@ class Stack:
         timeout: float = 1.0,
         server_args: Sequence[str] = (),
         lease_timeout: int = 600,
+        fwd_args: Sequence[str] = (),
+        start_server: bool = True,
     ) -> None:
         self.name = name
         self.resources = list(resources)
         self.server_args = list(server_args)
+        self.fwd_args = list(fwd_args)
         self._exit = contextlib.ExitStack()
         self.work = Path(self._exit.enter_context(_tempdir(f"fk-e2e-{name}-")))
         self.rundir = self.work / "run"
@@ -495,7 +499,9 @@ class Stack:
         os.chmod(self.rundir, 0o755)  # noqa: S103
         self.server_conf = self.work / "fastknockd.conf"
         self.server_conf.write_text(server_config(resources, policy, timeout, lease_timeout))
-        self.server_conf.chmod(0o600)
+        # As installed: root:<server group> 0640, so fastknockd can re-read it after the drop.
+        self.server_conf.chmod(0o640)
+        os.chown(self.server_conf, 0, pwd.getpwnam(SERVER_USER).pw_gid)
         self.client_conf = self.work / "fastknock.conf"
         self.client_conf.write_text(client_config(resources))
         self.client_conf.chmod(0o600)
@@ -534,7 +540,8 @@ class Stack:
             self._exit.callback(Listeners(self.pair.server, ports).close)
             self._exit.callback(self._stop_all)
             self.start_fwd()
-            self.start_server()
+            if start_server:
+                self.start_server()
         except BaseException:
             self.close()
             raise
@@ -574,6 +581,7 @@ class Stack:
                 SERVER_USER,
                 "--no-systemd",
                 "-v",
+                *self.fwd_args,
             ],
         )
         fwd = self.fwd

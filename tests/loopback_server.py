@@ -77,7 +77,7 @@ class LoopbackServer:
                     conn, addr = self.sock.accept()
                     threading.Thread(target=self._serve_tcp, args=(conn, addr), daemon=True).start()
                     continue
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             self.received.append(data)
             if self.drop_first > 0:

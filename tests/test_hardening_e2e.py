@@ -1,0 +1,225 @@
+"""Hardening on the real kernel: seccomp ``kill`` in both daemons, the privilege drop read back
+from /proc, socket activation by ``systemd-socket-activate`` (TCP and UDP), sd_notify, and
+SIGHUP reload of both daemons. Namespaces, processes and files come from ``Stack``
+(tests/e2e_support.py) and are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fastknock import privs
+from tests import netns
+from tests.e2e_support import (
+    REPO,
+    SERVER_USER,
+    Daemon,
+    Stack,
+    _env,
+    client_config,
+    jump_res,
+    port_res,
+    server_config,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+R_TCP = port_res(0x301, 2601)
+R_UDP_CTL = port_res(0x302, 2602)
+R_JUMP = jump_res(0x303, "HARD-JUMP", 2603)
+R_NEW = port_res(0x304, 2604)
+RESOURCES = [R_TCP, R_UDP_CTL, R_JUMP, R_NEW]
+KILL = ("--seccomp", "kill")
+
+
+def knock_ok(stack: Stack, command: str, host: str, *args: str) -> None:
+    k = stack.knock(command, host, *args)
+    assert k.code == 0, f"fastknock {command} failed:\n{k.err}\n--- daemons:\n{stack.all_logs()}"
+
+
+def status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+@pytest.fixture(scope="module")
+def killstack() -> Iterator[Stack]:
+    netns.require()
+    stack = Stack("kill", RESOURCES, "basic-auth", 1.0, server_args=KILL, fwd_args=KILL)
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.mark.parametrize(
+    ("res", "transport", "v6"),
+    [(R_TCP, "-T", False), (R_UDP_CTL, "-U", True), (R_JUMP, "-U", False)],
+    ids=["tcp-v4-port", "udp-v6-port", "udp-v4-jump"],
+)
+def test_knock_and_revoke_under_seccomp_kill(
+    killstack: Stack, res: object, transport: str, v6: bool
+) -> None:
+    assert hasattr(res, "probe")
+    server, me, other = killstack.addrs(v6)
+    flags = ("-r", f"{res.id:08X}", transport, "-6" if v6 else "-4")  # type: ignore[attr-defined]
+    probe = res.probe  # type: ignore[attr-defined]
+    assert not killstack.connects(me, server, probe)
+    knock_ok(killstack, "knock", server, *flags)
+    assert killstack.connects(me, server, probe)
+    assert not killstack.connects(other, server, probe)
+    knock_ok(killstack, "revoke", server, *flags)
+    assert not killstack.connects(me, server, probe)
+    logs = killstack.all_logs()
+    assert "seccomp (kill) installed for server" in logs
+    assert "seccomp (kill) installed for fwd" in logs
+    assert killstack.server is not None and killstack.server.alive(), logs
+    assert killstack.fwd is not None and killstack.fwd.alive(), logs
+
+
+def test_privileges_after_start_up(killstack: Stack) -> None:
+    """fastknockd: the unprivileged account, no groups, no capabilities, no_new_privs, a
+    seccomp filter. fastknockfwd: still uid 0, but CAP_NET_ADMIN only, and filtered."""
+    assert killstack.server is not None and killstack.fwd is not None
+    uid, gid = privs.lookup(SERVER_USER)
+    st = status(killstack.server.pid)
+    assert st["Uid"].split() == [str(uid)] * 4
+    assert st["Gid"].split() == [str(gid)] * 4
+    assert st["Groups"].strip() == ""
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+        assert int(st[cap], 16) == 0, cap
+    assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
+    fst = status(killstack.fwd.pid)
+    assert fst["Uid"].split()[1] == "0"
+    assert int(fst["CapEff"], 16) == int(fst["CapBnd"], 16) == 1 << privs.CAP_NET_ADMIN
+    assert fst["NoNewPrivs"] == "1" and fst["Seccomp"] == "2"
+
+
+def test_missing_account_is_a_clear_error(tmp_path: Path) -> None:
+    conf = tmp_path / "fastknockd.conf"
+    conf.write_text(server_config([R_TCP], "basic-auth"))
+    conf.chmod(0o600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastknock.server", "-c", str(conf), "--rundir", str(tmp_path),
+         "--user", "fastknock-no-such-account", "--no-systemd"],
+        capture_output=True, text=True, env=_env(), cwd=str(REPO), timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "useradd --system" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- reload ------------------------------------------------------------------------------------
+
+
+def _reload(stack: Stack, daemon: Daemon | None, marker: str, before: int) -> None:
+    assert daemon is not None
+    daemon.send_signal(signal.SIGHUP)
+    wait_for(f"{marker} in {daemon.text()[-200:]}", lambda: daemon.text().count(marker) > before)
+
+
+def test_reload_good_then_bad_config(killstack: Stack) -> None:
+    """A new resource becomes knockable after SIGHUP to fastknockfwd, then fastknockd (that
+    order: the firewall daemon must know the new config before requests carry its checksum);
+    a broken config is refused by both while the old keeps serving; leases survive both."""
+    stack = killstack
+    server, me, _ = stack.addrs(False)
+    old_conf = stack.server_conf.read_text()
+    without_new = server_config([R_TCP, R_UDP_CTL, R_JUMP], "basic-auth", 1.0)
+    try:
+        for text in (without_new,):
+            stack.server_conf.write_text(text)
+            _reload(stack, stack.fwd, "reloaded", stack.fwd.text().count("reloaded"))  # type: ignore[union-attr]
+            _reload(stack, stack.server, "reloaded", stack.server_log().count("reloaded"))
+        knock_ok(stack, "knock", server, "-r", f"{R_TCP.id:08X}", "-4")  # a live lease
+        assert stack.knock("knock", server, "-r", f"{R_NEW.id:08X}", "-4", "-T").code != 0
+
+        stack.server_conf.write_text(old_conf)  # R_NEW is back
+        _reload(stack, stack.fwd, "reloaded", stack.fwd.text().count("reloaded"))  # type: ignore[union-attr]
+        _reload(stack, stack.server, "reloaded", stack.server_log().count("reloaded"))
+        knock_ok(stack, "knock", server, "-r", f"{R_NEW.id:08X}", "-4")
+        assert stack.connects(me, server, R_NEW.probe)
+        assert stack.connects(me, server, R_TCP.probe)  # the earlier lease survived
+
+        stack.server_conf.write_text(old_conf.replace("[KEYS]", "[KEYS]\nnot a key line"))
+        _reload(stack, stack.fwd, "reload failed", 0)
+        _reload(stack, stack.server, "reload failed", 0)
+        knock_ok(stack, "knock", server, "-r", f"{R_NEW.id:08X}", "-4")  # old config serves
+        assert stack.connects(me, server, R_TCP.probe) and stack.connects(me, server, R_NEW.probe)
+        assert stack.server is not None and stack.server.alive()
+        assert "Traceback" not in stack.all_logs()
+    finally:
+        stack.server_conf.write_text(old_conf)
+
+
+# -- systemd -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bare() -> Iterator[Stack]:
+    """fastknockfwd only: each test starts fastknockd its own way."""
+    netns.require()
+    if shutil.which("systemd-socket-activate") is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-socket-activate missing (apt package systemd)")
+        pytest.skip("systemd-socket-activate missing (apt package systemd)")
+    stack = Stack("sd", [R_TCP], "basic-auth", 1.0, start_server=False)
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+def test_socket_activation(bare: Stack, transport: str) -> None:
+    """systemd-socket-activate binds the control port and execs fastknockd on the first
+    connection/datagram; fastknockd serves on the passed socket (binding its own would fail:
+    the port is taken) and reports READY=1 and STOPPING=1 over $NOTIFY_SOCKET."""
+    bare.server_conf.write_text(
+        server_config([R_TCP], "basic-auth", 2.0, port_spec=f"5800 / {transport}")
+    )
+    _reload(bare, bare.fwd, "reloaded", 0)  # the firewall daemon must share the checksum
+    client_conf = bare.work / f"client-{transport}.conf"
+    client_conf.write_text(client_config([R_TCP], timeout=5.0))
+    notify_path = bare.work / f"notify-{transport}.sock"  # work/ is 0755: reachable by nobody
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    os.chmod(notify_path, 0o777)  # noqa: S103 -- the daemon notifies after dropping root
+    notify.settimeout(15)
+    env = dict(_env(), NOTIFY_SOCKET=str(notify_path))
+    argv = [
+        "systemd-socket-activate",
+        "-l",
+        "5800",
+        *(["--datagram"] if transport == "udp" else []),
+    ]
+    argv += ["-E", f"PYTHONPATH={env['PYTHONPATH']}", "-E", f"NOTIFY_SOCKET={notify_path}"]
+    argv += [sys.executable, "-m", "fastknock.server", "-c", str(bare.server_conf), "--rundir",
+             str(bare.rundir), "--user", SERVER_USER, "-v"]  # fmt: skip
+    log = open(bare.work / f"activate-{transport}.log", "wb")  # noqa: SIM115
+    proc = netns.popen(bare.pair.server, argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    daemon = Daemon("activated", proc, bare.work / f"activate-{transport}.log", log)
+    try:
+        wait_for("systemd-socket-activate", lambda: "Listening on" in daemon.text())
+        server, me, _ = bare.addrs(False)
+        proto = "-T" if transport == "tcp" else "-U"
+        k = bare.knock("knock", server, str(R_TCP.probe), "-4", proto, config=client_conf)
+        assert k.code == 0, f"{k.err}\n{daemon.text()}"
+        assert bare.connects(me, server, R_TCP.probe)
+        assert notify.recv(100) == b"READY=1"
+        assert "listening on port 5800" in daemon.text()
+        assert daemon.stop() == 0
+        assert notify.recv(100) == b"STOPPING=1"
+        assert "Traceback" not in daemon.text()
+    finally:
+        daemon.stop()
+        notify.close()
