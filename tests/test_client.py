@@ -146,8 +146,12 @@ def dual_stack_name(monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.mark.parametrize(
     ("flags", "peers"),
-    [([], {"127.0.0.1", "::1"}), (["-4"], {"127.0.0.1"}), (["-6"], {"::1"}),
-     (["-4", "-6"], {"127.0.0.1", "::1"})],
+    [
+        ([], {"127.0.0.1", "::1"}),
+        (["-4"], {"127.0.0.1"}),
+        (["-6"], {"::1"}),
+        (["-4", "-6"], {"127.0.0.1", "::1"}),
+    ],
 )
 def test_host_name_knocks_both_families(tmp_path, capsys, dual_stack_name, flags, peers) -> None:
     with LoopbackServer(settings(), udp=False) as server:
@@ -199,12 +203,18 @@ def test_console_entry_point_help_and_gen_key() -> None:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     out = subprocess.run(
         [sys.executable, "-m", "fastknock.cli", "knock", "--help"],
-        capture_output=True, text=True, env=env, check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     ).stdout
     for flag in ("-r RES", "-u USER", "-P PORT", "-T", "-U", "-4", "-6"):
         assert flag in out
     key = subprocess.run(
         [sys.executable, "-m", "fastknock.cli", "gen-key"],
-        capture_output=True, text=True, env=env, check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     ).stdout
     assert re.fullmatch(r"00000000 = [0-9A-F]{64}\n", key)
