@@ -374,6 +374,7 @@ def server_config(
     lease_timeout: int = 600,
     port_spec: str = "5800 / udp, tcp",
     comment: str = "",
+    nft_extra: str = "",
 ) -> str:
     res = "\n".join(f"{r.id:08X} = {r.spec}" for r in resources)
     return (
@@ -382,7 +383,7 @@ def server_config(
         f"control-error-policy = {policy}\n\n"
         "[NFTABLES]\nfamily = inet\ntable = filter\nchain-input = LETMEIN-INPUT\n"
         "chain-forward = LETMEIN-FORWARD\nchain-output = LETMEIN-OUTPUT\n"
-        f"timeout = {lease_timeout}\n\n"
+        f"timeout = {lease_timeout}\n{nft_extra}\n"
         f"[KEYS]\n{USER1:08X} = {KEY1.hex().upper()}\n{USER2:08X} = {KEY2.hex().upper()}\n\n"
         f"[RESOURCES]\n{res}\n"
     )
@@ -485,8 +486,16 @@ class Stack:
         lease_timeout: int = 600,
         fwd_args: Sequence[str] = (),
         start_server: bool = True,
+        verbose: bool = True,
+        nft_extra: str = "",
+        metrics: bool = False,
     ) -> None:
+        """``verbose``: fastknockd with -v (a log line per reject; the batched receive path
+        then hands every 56-byte datagram up to Python). ``nft_extra``: more [NFTABLES]
+        lines, e.g. ``prefilter = off``. ``metrics``: fastknockd writes its counters every
+        0.1 s (read them with ``metrics()``)."""
         self.name = name
+        self.verbose = verbose
         self.resources = list(resources)
         self.server_args = list(server_args)
         self.fwd_args = list(fwd_args)
@@ -498,13 +507,23 @@ class Stack:
         os.chmod(self.work, 0o755)  # noqa: S103
         os.chmod(self.rundir, 0o755)  # noqa: S103
         self.server_conf = self.work / "fastknockd.conf"
-        self.server_conf.write_text(server_config(resources, policy, timeout, lease_timeout))
+        self.server_conf.write_text(
+            server_config(resources, policy, timeout, lease_timeout, nft_extra=nft_extra)
+        )
         # As installed: root:<server group> 0640, so fastknockd can re-read it after the drop.
         self.server_conf.chmod(0o640)
         os.chown(self.server_conf, 0, pwd.getpwnam(SERVER_USER).pw_gid)
         self.client_conf = self.work / "fastknock.conf"
         self.client_conf.write_text(client_config(resources))
         self.client_conf.chmod(0o600)
+        self.metrics_file: Path | None = None
+        if metrics:
+            (self.work / "metrics").mkdir()
+            account = pwd.getpwnam(SERVER_USER)
+            os.chown(self.work / "metrics", account.pw_uid, account.pw_gid)
+            self.metrics_file = self.work / "metrics" / "fastknockd.prom"
+            self.server_args += ["--metrics-file", str(self.metrics_file)]
+            self.server_args += ["--metrics-interval", "0.1"]
         self.fwd: Daemon | None = None
         self.server: Daemon | None = None
         self._n = 0
@@ -610,7 +629,7 @@ class Stack:
                 "--no-systemd",
                 "--user",
                 SERVER_USER,
-                "-v",
+                *(["-v"] if self.verbose else []),
                 *self.server_args,
                 *extra,
             ],
@@ -680,6 +699,21 @@ class Stack:
 
     def tcp(self, src: str, v6: bool = False) -> TcpPeer:
         return TcpPeer(self.pair.client, src, self.addrs(v6)[0], CONTROL_PORT)
+
+    def metrics(self) -> dict[str, float]:
+        """fastknockd's last metrics file: ``{'name{labels}': value}`` (empty before the
+        first write)."""
+        assert self.metrics_file is not None, "Stack(metrics=True) writes no metrics"
+        try:
+            text = self.metrics_file.read_text()
+        except FileNotFoundError:
+            return {}
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
 
     def server_log(self) -> str:
         assert self.server is not None

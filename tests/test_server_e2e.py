@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,10 +117,38 @@ ALL_RES = [
     R_LIMIT,
     R_SIG,
 ]
-POLICIES = {"always": "always", "basic": "basic-auth", "full": "full-auth"}
+# The shared stacks, named for their control-error-policy, and what else they exercise:
+# - basic: the production stealth setup: UDP read by the batched receive path (the fused
+#   check in C drops rejects before Python sees them), fastknockfwd's in-kernel pre-filter
+#   on, no -v; its counters come from --metrics-file.
+# - proto: basic-auth on the plain DatagramProtocol path (--udp-path protocol), pre-filter
+#   off (the server's own size check), -v.
+# - always, full: the batched path with -v (every 56-byte datagram reaches Python and is
+#   logged); always without the pre-filter.
+STACKS: dict[str, dict[str, Any]] = {
+    "basic": {"policy": "basic-auth", "verbose": False, "metrics": True},
+    "proto": {"policy": "basic-auth", "udp_path": "protocol", "nft_extra": "prefilter = off\n"},
+    "always": {"policy": "always", "nft_extra": "prefilter = off\n"},
+    "full": {"policy": "full-auth"},
+}
 # The failure matrix runs ~100 sessions at once from two addresses: lift the caps there (the
 # caps have their own test with -N 2).
 BIG_LIMITS = ("-n", "1024", "-N", "1024")
+
+
+def make_stack(name: str, **spec: Any) -> Stack:
+    spec = dict(spec)
+    args = list(spec.pop("server_args", BIG_LIMITS))
+    if "udp_path" in spec:
+        args += ["--udp-path", spec.pop("udp_path")]
+    return Stack(
+        name,
+        ALL_RES,
+        spec.pop("policy"),
+        spec.pop("timeout", CONTROL_TIMEOUT),
+        server_args=args,
+        **spec,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +158,7 @@ def stacks() -> Iterator[Callable[[str], Stack]]:
 
     def get(name: str) -> Stack:
         if name not in made:
-            made[name] = Stack(
-                name, ALL_RES, POLICIES[name], CONTROL_TIMEOUT, server_args=BIG_LIMITS
-            )
+            made[name] = make_stack(name, **STACKS[name])
         return made[name]
 
     try:
@@ -269,7 +296,7 @@ def test_user_restricted_jump_resource(basic: Stack) -> None:
 # -- the failure rules, the stealth battery --------------------------------------------------------
 
 NONE, BASIC, FULL, OK = 0, 1, 2, 3  # the auth level a case fails at (OK: it succeeds)
-POLICY_MIN = {"always": NONE, "basic": BASIC, "full": FULL}
+POLICY_MIN = {"always": NONE, "basic": BASIC, "proto": BASIC, "full": FULL}
 Then = Callable[[bytes], "bytes | None"]
 
 
@@ -285,6 +312,7 @@ class Case:
     tcp_only: bool = False
     size: bool = False  # a wrong-size UDP datagram: the transport drops it in every policy
     echo: tuple[int, int] | None = None  # USER/RESOURCE a GOAWAY must carry
+    reason: str = ""  # the server's reject reason (for its counters), first-message cases
 
 
 def _k(op: int = KNOCK, user: int = USER1, res: int = R_RAW.id, key: bytes = KEY1) -> bytes:
@@ -314,22 +342,25 @@ CASES = [
     Case("size-112", NONE, lambda: _k() + _k(), udp_only=True, size=True),
     Case("size-1400", NONE, lambda: _k() * 25, udp_only=True, size=True),
     # Rule 1: the first message must be a KNOCK or REVOKE (in a valid message).
-    Case("bad-magic", NONE, lambda: _with_magic(_k(), 0x3B1BB718)),
-    Case("unknown-op-6", NONE, lambda: _k(op=6)),
-    Case("unknown-op-ffffffff", NONE, lambda: _k(op=0xFFFFFFFF)),
-    Case("first-response", NONE, lambda: _k(op=RESPONSE)),  # a RESPONSE without CHALLENGE
-    Case("first-challenge", NONE, lambda: _k(op=CHALLENGE)),  # server-side operations
-    Case("first-comein", NONE, lambda: _k(op=COMEIN)),
-    Case("first-goaway", NONE, lambda: _k(op=GOAWAY)),
+    Case("bad-magic", NONE, lambda: _with_magic(_k(), 0x3B1BB718), reason="magic"),
+    Case("unknown-op-6", NONE, lambda: _k(op=6), reason="operation"),
+    Case("unknown-op-ffffffff", NONE, lambda: _k(op=0xFFFFFFFF), reason="operation"),
+    # A RESPONSE without CHALLENGE, and the server-side operations.
+    Case("first-response", NONE, lambda: _k(op=RESPONSE), reason="operation"),
+    Case("first-challenge", NONE, lambda: _k(op=CHALLENGE), reason="operation"),
+    Case("first-comein", NONE, lambda: _k(op=COMEIN), reason="operation"),
+    Case("first-goaway", NONE, lambda: _k(op=GOAWAY), reason="operation"),
     # Rule 2: unknown user, bad AUTH over the zero challenge.
-    Case("unknown-user", NONE, lambda: _k(user=0x0BADBAD)),
-    Case("user2-signed-with-key1", NONE, lambda: _k(user=USER2)),
-    Case("bad-mac", NONE, lambda: flip(_k(), 40)),
-    Case("wrong-key", NONE, lambda: _k(key=secrets.token_bytes(32))),
-    Case("revoke-wrong-key", NONE, lambda: _k(op=REVOKE, key=secrets.token_bytes(32))),
-    Case("changed-op", NONE, lambda: _with_op(_k(), REVOKE)),
-    Case("changed-resource", NONE, lambda: flip(_k(), 15)),
-    Case("changed-salt", NONE, lambda: flip(_k(), 20)),
+    Case("unknown-user", NONE, lambda: _k(user=0x0BADBAD), reason="unknown-user"),
+    Case("user2-signed-with-key1", NONE, lambda: _k(user=USER2), reason="mac"),
+    Case("bad-mac", NONE, lambda: flip(_k(), 40), reason="mac"),
+    Case("wrong-key", NONE, lambda: _k(key=secrets.token_bytes(32)), reason="mac"),
+    Case(
+        "revoke-wrong-key", NONE, lambda: _k(op=REVOKE, key=secrets.token_bytes(32)), reason="mac"
+    ),
+    Case("changed-op", NONE, lambda: _with_op(_k(), REVOKE), reason="mac"),
+    Case("changed-resource", NONE, lambda: flip(_k(), 15), reason="mac"),
+    Case("changed-salt", NONE, lambda: flip(_k(), 20), reason="mac"),
     # Over TCP: no complete first message within the control timeout.
     Case("tcp-silent", NONE, None, tcp_only=True),
     Case("tcp-partial", NONE, lambda: _k()[:20], tcp_only=True),
@@ -458,7 +489,7 @@ def check_outcomes(results: dict[tuple[str, bool, bool], Outcome], policy: str) 
 
 
 @e2e
-@pytest.mark.parametrize("policy", ["always", "basic", "full"])
+@pytest.mark.parametrize("policy", ["always", "basic", "proto", "full"])
 def test_failure_rules_over_the_wire(stacks: Callable[[str], Stack], policy: str) -> None:
     """Every failure rule of PROTOCOL.md, over UDP and TCP, IPv4 and IPv6: GOAWAY exactly
     where the policy allows it (always: any state; basic-auth: after a valid KNOCK/REVOKE;
@@ -475,7 +506,7 @@ STEALTH_BATTERY = [c for c in CASES if c.level == NONE and not c.tcp_only]
 
 
 @e2e
-@pytest.mark.parametrize("policy", ["basic", "full", "always"])
+@pytest.mark.parametrize("policy", ["basic", "proto", "full", "always"])
 def test_stealth_battery(stacks: Callable[[str], Stack], policy: str) -> None:
     """UDP + basic-auth (or full-auth): not one byte back for hostile datagrams, from IPv4
     and IPv6 senders, while a real knock succeeds in the middle of it. With ``always`` the
@@ -483,6 +514,7 @@ def test_stealth_battery(stacks: Callable[[str], Stack], policy: str) -> None:
     """
     stack = stacks(policy)
     server, me, _ = stack.addrs(False)
+    before = stack.metrics() if stack.metrics_file else {}
     with ThreadPoolExecutor(max_workers=1) as pool:
         battery = pool.submit(run_cases, stack, STEALTH_BATTERY, [(False, False), (False, True)])
         k = stack.knock("knock", server, "-r", f"{R_RAW.id:08X}", "-U", "-4")
@@ -496,10 +528,25 @@ def test_stealth_battery(stacks: Callable[[str], Stack], policy: str) -> None:
         assert replies == len([c for c in STEALTH_BATTERY if not c.size]) * 2
     else:
         assert replies == 0
-        # The server did see the battery (it logs each reject at debug level).
+    if stack.verbose:  # the server did see the battery: it logs each reject at debug level
         log = stack.server_log()
         for outcome in ("magic", "operation", "unknown-user", "mac"):
             assert f"rejected ({outcome})" in log, outcome
+    if stack.metrics_file:  # ... and counted each one by reason
+        want = {
+            reason: 2 * sum(1 for c in STEALTH_BATTERY if c.reason == reason)
+            for reason in ("magic", "operation", "unknown-user", "mac")
+        }
+
+        def rejected() -> dict[str, float]:
+            now = stack.metrics()
+            return {
+                r: now.get(f'fastknockd_rejected_total{{reason="{r}"}}', 0)
+                - before.get(f'fastknockd_rejected_total{{reason="{r}"}}', 0)
+                for r in want
+            }
+
+        wait_for("the rejects in the metrics", lambda: rejected() == want)
     assert_clean(stack)
 
 
@@ -639,7 +686,7 @@ def test_udp_retransmission_recovers_a_dropped_knock(basic: Stack, v6: bool) -> 
 
 
 @e2e
-@pytest.mark.parametrize("policy", ["always", "basic", "full"])
+@pytest.mark.parametrize("policy", ["always", "basic", "proto", "full"])
 def test_firewall_daemon_down_then_back(stacks: Callable[[str], Stack], policy: str) -> None:
     """fastknockfwd stopped, or answering NACK (it runs with another config): knocks fail
     cleanly with a GOAWAY (the session is full-auth, so every policy sends one), fastknockd
@@ -758,12 +805,16 @@ def _fwd_backlog(stack: Stack) -> int:
 
 
 @e2e
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stop_with_sessions_in_flight(sig: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    ("sig", "udp_path"),
+    [(signal.SIGTERM, "batched"), (signal.SIGINT, "protocol")],
+    ids=["SIGTERM-batched", "SIGINT-protocol"],
+)
+def test_stop_with_sessions_in_flight(sig: signal.Signals, udp_path: str) -> None:
     """fastknockd stops with status 0 and no traceback while sessions wait for a RESPONSE,
     for their first message, and for a (stopped) fastknockfwd, over UDP and TCP."""
     netns.require()
-    stack = Stack("stop", ALL_RES, "basic-auth", timeout=30.0)
+    stack = make_stack("stop", policy="basic-auth", timeout=30.0, server_args=(), udp_path=udp_path)
     try:
         assert stack.server is not None and stack.fwd is not None
         pid_file = stack.rundir / "fastknockd" / "fastknockd.pid"
@@ -809,7 +860,7 @@ def test_stop_with_sessions_in_flight(sig: signal.Signals) -> None:
 
 @e2e
 def test_shared_daemons_logged_no_traceback(stacks: Callable[[str], Stack]) -> None:
-    for name in POLICIES:
+    for name in STACKS:
         stack = stacks(name)
         assert_clean(stack)
         assert re.search(r"Traceback|Error:", stack.server_log()) is None, stack.server_log()
