@@ -29,8 +29,9 @@ rare, so one simple mechanism serves both cases. DEADLINE is a Unix time, so a r
 daemon finds the rules, counts them and removes them when they are due. While the daemon
 is stopped, jump leases do not expire; port leases do.
 
-*Pre-filter*: with a UDP control port, the rules of ``prefilter.py`` go first in
-chain-input (wrong sizes and per-source floods dropped in the kernel).
+*Pre-filter*: with a UDP control port, the daemon also keeps its own base chain
+``fastknock-prefilter`` (``prefilter.py``: wrong sizes and per-source floods dropped at
+prerouting, before conntrack).
 
 Static rules are found by their ``fastknock:`` comment, so restarts never duplicate them;
 rules without that comment are never touched. The daemon never flushes anything.
@@ -296,8 +297,8 @@ class Firewall:
     def _udp_control_port(self) -> int | None:
         return next((port for proto, port in self.control if proto == "udp"), None)
 
-    def prefilter_rules(self) -> list[tuple[str, str]]:
-        """(comment, rule) of the pre-filter (``prefilter.rules``), in chain order."""
+    def prefilter_rules(self) -> list[str]:
+        """The pre-filter chain's rules (``prefilter.rules``), in order."""
         return prefilter.rules(self.cfg, self.versions, self._udp_control_port())
 
     def setup(self) -> None:
@@ -315,14 +316,15 @@ class Firewall:
         wanted = self.static_rules()
         seen: set[str] = set()
         chain = self.cfg.chain_input
-        rules = self._chain_rules(chain)
         cmds += prefilter.commands(
-            self.cfg, self._where, self.versions, self._udp_control_port(), rules
+            self.cfg,
+            self._where,
+            self.versions,
+            self._udp_control_port(),
+            self._exists(f"chain {self._where} {prefilter.CHAIN}"),
         )
-        for comment, handle in rules:
-            if not comment.startswith(COMMENT_PREFIX):
-                continue
-            if comment.startswith((JUMP_PREFIX, prefilter.COMMENT_PREFIX)):
+        for comment, handle in self._own_rules(chain):
+            if comment.startswith(JUMP_PREFIX):
                 continue
             if comment in wanted and comment not in seen:
                 seen.add(comment)
@@ -352,16 +354,13 @@ class Firewall:
 
     def _own_rules(self, chain: str) -> list[tuple[str, int]]:
         """(comment, handle) of the rules with a fastknock comment in ``chain``."""
-        return [(c, h) for c, h in self._chain_rules(chain) if c.startswith(COMMENT_PREFIX)]
-
-    def _chain_rules(self, chain: str) -> list[tuple[str, int]]:
-        """(comment or "", handle) of every rule in ``chain``, in chain order."""
         found = []
         for item in self._json(f"list chain {self._where} {chain}"):
             rule = item.get("rule")
             if isinstance(rule, dict):
                 comment = rule.get("comment")
-                found.append((comment if isinstance(comment, str) else "", int(rule["handle"])))
+                if isinstance(comment, str) and comment.startswith(COMMENT_PREFIX):
+                    found.append((comment, int(rule["handle"])))
         return found
 
     def scan(self) -> list[LiveLease]:

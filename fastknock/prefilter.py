@@ -3,26 +3,33 @@
 Design
 ------
 With ``[NFTABLES] prefilter = on`` (the default) and a UDP control port, fastknockfwd keeps
-these rules at the top of chain-input, before the control-port accept rule (``nft.py``)::
+a base chain of its own in the configured table, hooked before everything else::
 
-    udp dport 5800 udp length != 64 drop                       (payload is not 56 bytes)
-    udp dport 5800 update @fastknock_prefilter4 { ip saddr limit rate over 100/second
-        burst 200 packets } drop
-    udp dport 5800 update @fastknock_prefilter6 { ip6 saddr & ffff:ffff:ffff:ffff::
-        limit rate over 100/second burst 200 packets } drop     (IPv6 per /64 by default)
+    chain fastknock-prefilter {
+        type filter hook prerouting priority raw; policy accept;
+        udp dport 5800 fib daddr type local udp length != 64 drop     (payload is not 56)
+        udp dport 5800 fib daddr type local update @fastknock_prefilter4
+            { ip saddr limit rate over 100/second burst 200 packets } drop
+        udp dport 5800 fib daddr type local update @fastknock_prefilter6
+            { ip6 saddr & ffff:ffff:ffff:ffff:: limit rate over 100/second burst 200 packets } drop
+    }
 
 * Wrong sizes and a flooding source are dropped in the kernel before any socket queue, so
   one source cannot fill the receive buffer for everyone else. Rate, burst and the IPv6
   prefix come from ``prefilter-rate``/``-burst``/``-ipv6-prefix``.
+* Why a base chain at ``prerouting`` / ``raw`` priority and not rules in chain-input: it
+  runs before conntrack, so a flood creates no conntrack entries, and no ``ct state
+  established accept`` of the admin's ruleset can let a flow around it. (A valid KNOCK
+  replayed from many source ports draws CHALLENGEs, which make those flows "established"
+  in conntrack: rules in chain-input, behind letmein's ``ct state established accept``,
+  would stop limiting exactly that flood.) ``fib daddr type local`` keeps it to datagrams
+  for this host, not ones routed through it. A legitimate knock is two datagrams.
 * The two dynamic sets (``flags dynamic,timeout``, 60 s idle timeout, at most 65536
   sources each) hold one token bucket per source. ``update`` refreshes the timeout, so a
   source that keeps flooding keeps its (empty) bucket.
-* In letmein's ruleset the later datagrams of a session are conntrack ESTABLISHED and
-  accepted before chain-input is reached, so a legitimate session is never limited after
-  its first datagram.
-* The comments carry the parameters (``fastknock:prefilter-rate4:PORT:RATE:BURST``), so a
-  changed config is seen at the next start or reload and the rules are replaced;
-  ``prefilter = off`` removes them (the empty sets stay, harmless).
+* The chain is the daemon's own: each start or reload flushes and refills it in the same
+  transaction (atomic, so never a moment without it), so a changed config takes effect;
+  ``prefilter = off`` deletes it (the empty sets stay, harmless).
 """
 
 from __future__ import annotations
@@ -32,47 +39,30 @@ from collections.abc import Sequence
 
 from fastknock.config import NftablesConfig
 
-COMMENT_PREFIX = "fastknock:prefilter-"
+CHAIN = "fastknock-prefilter"
+COMMENT_PREFIX = "fastknock:prefilter-"  # rules of an older layout in chain-input: removed
 SET_PREFIX = "fastknock_prefilter"
 SET_TIMEOUT = 60  # seconds a quiet source's token bucket is kept
 SET_SIZE = 65536
 CONTROL_UDP_LENGTH = 64  # UDP header (8) + one 56-byte message
 
 
-def rules(
-    cfg: NftablesConfig, versions: Sequence[int], udp_port: int | None
-) -> list[tuple[str, str]]:
-    """(comment, rule) of the pre-filter, in chain order; empty if it is off or there is
-    no UDP control port."""
+def rules(cfg: NftablesConfig, versions: Sequence[int], udp_port: int | None) -> list[str]:
+    """The pre-filter chain's rules, in order; empty if it is off or there is no UDP
+    control port."""
     if not cfg.prefilter or not udp_port:
         return []
-    port = udp_port
-    rate, burst = cfg.prefilter_rate, cfg.prefilter_burst
-    limit = f"limit rate over {rate}/second burst {burst} packets"
-    out = [
-        (
-            f"{COMMENT_PREFIX}size:{port}",
-            f"udp dport {port} udp length != {CONTROL_UDP_LENGTH} drop",
-        )
-    ]
+    match = f"udp dport {udp_port} fib daddr type local"
+    limit = f"limit rate over {cfg.prefilter_rate}/second burst {cfg.prefilter_burst} packets"
+    out = [f"{match} udp length != {CONTROL_UDP_LENGTH} drop"]
     if 4 in versions:
-        out.append(
-            (
-                f"{COMMENT_PREFIX}rate4:{port}:{rate}:{burst}",
-                f"udp dport {port} update @{SET_PREFIX}4 {{ ip saddr {limit} }} drop",
-            )
-        )
+        out.append(f"{match} update @{SET_PREFIX}4 {{ ip saddr {limit} }} drop")
     if 6 in versions:
         bits = cfg.prefilter_ipv6_prefix
         key = "ip6 saddr"
         if bits < 128:
             key += f" and {ipaddress.IPv6Network(f'::/{bits}').netmask}"
-        out.append(
-            (
-                f"{COMMENT_PREFIX}rate6:{port}:{rate}:{burst}:{bits}",
-                f"udp dport {port} update @{SET_PREFIX}6 {{ {key} {limit} }} drop",
-            )
-        )
+        out.append(f"{match} update @{SET_PREFIX}6 {{ {key} {limit} }} drop")
     return out
 
 
@@ -81,26 +71,25 @@ def commands(
     where: str,
     versions: Sequence[int],
     udp_port: int | None,
-    chain_rules: Sequence[tuple[str, int]],
+    chain_exists: bool,
 ) -> list[str]:
-    """nft commands that make the pre-filter the first rules of chain-input, exactly as
-    configured. ``chain_rules``: (comment or "", handle) of every rule in chain-input, in
-    order; ``where``: "FAMILY TABLE"."""
-    chain = cfg.chain_input
+    """nft commands that make the pre-filter chain exactly as configured (or remove it).
+    ``where``: "FAMILY TABLE"."""
     wanted = rules(cfg, versions, udp_port)
+    if not wanted:
+        if not chain_exists:
+            return []
+        return [f"flush chain {where} {CHAIN}", f"delete chain {where} {CHAIN}"]
     cmds = []
-    for version in versions if wanted else ():
+    for version in versions:
         typ = "ipv4_addr" if version == 4 else "ipv6_addr"
         cmds.append(
             f"add set {where} {SET_PREFIX}{version} {{ type {typ}; size {SET_SIZE}; "
             f"flags dynamic,timeout; timeout {SET_TIMEOUT}s; }}"
         )
-    have = [(c, h) for c, h in chain_rules if c.startswith(COMMENT_PREFIX)]
-    top = [c for c, _ in chain_rules[: len(have)]]
-    if top == [c for c, _ in have] == [c for c, _ in wanted]:
-        return cmds  # in place: exactly the wanted rules, in order, at the top
-    for _, handle in have:
-        cmds.append(f"delete rule {where} {chain} handle {handle}")
-    for comment, rule in reversed(wanted):  # each insert goes to the top
-        cmds.append(f'insert rule {where} {chain} {rule} comment "{comment}"')
+    cmds.append(
+        f"add chain {where} {CHAIN} {{ type filter hook prerouting priority raw; policy accept; }}"
+    )
+    cmds.append(f"flush chain {where} {CHAIN}")
+    cmds += [f"add rule {where} {CHAIN} {rule}" for rule in wanted]
     return cmds

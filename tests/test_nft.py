@@ -163,14 +163,14 @@ def test_setup_idempotent_and_keeps_foreign_rules(fw: Firewall, ns: str) -> None
         fw.setup()
         fw.setup()
     text = _chain(ns)
-    assert text.count('comment "fastknock:') == 9  # 2 control + 4 set + 3 pre-filter rules
+    assert text.count('comment "fastknock:') == 6  # 2 control + 4 set rules
     assert 'tcp dport 9 accept comment "admin rule"' in text
     assert "udp dport 5800 accept" in text and "@fastknock_udp6" in text
     # A changed control port replaces only the stale control rule.
     with netns.entered(ns):
         Firewall(CFG, fw.runner, control_port=5900, control_udp=False).setup()
     text = _chain(ns)
-    assert "5800" not in text and "tcp dport 5900 accept" in text  # pre-filter gone too
+    assert "5800" not in text and "tcp dport 5900 accept" in text
     assert text.count('comment "fastknock:') == 5 and "admin rule" in text
 
 

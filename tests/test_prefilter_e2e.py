@@ -5,7 +5,9 @@ control-port rules plus the pre-filter in a server namespace; a plain UDP socket
 control port counts what arrives, per source address. Asserted: wrong sizes never reach
 the socket, a flooding source gets its burst plus its rate and no more, another source
 (or another IPv6 prefix) is not affected, a same-/64 neighbour shares the bucket, and
-``prefilter = off`` lets everything through. Bounds use the measured sending time, so they
+a flow that conntrack already calls established (the server answered it: a replayed valid
+KNOCK draws a CHALLENGE) is limited all the same, and ``prefilter = off`` lets everything
+through. Bounds use the measured sending time, so they
 are correctness bounds (burst + rate x elapsed), not performance thresholds.
 """
 
@@ -101,6 +103,32 @@ def test_wrong_sizes_never_reach_the_socket_and_a_flood_is_limited(pair: netns.P
         by_src, _ = rx.collect()
         assert BURST <= by_src[flooder] <= BURST + RATE * (elapsed + 2)
         assert by_src[other] == 20  # the flood did not use up anyone else's budget
+    finally:
+        rx.close()
+
+
+def test_an_established_flow_is_limited_too(pair: netns.Pair) -> None:
+    """The pre-filter runs before conntrack: the receiver's reply makes the flow
+    'established' for letmein's ruleset (which accepts those early), and it is still
+    limited."""
+    setup(pair, CFG)
+    rx = Receiver(pair.server)
+    flooder = pair.client_v4[0]
+    try:
+        with netns.socket_in(pair.client, socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((flooder, 0))
+            s.sendto(MSG, (pair.server_v4, PORT))
+            rx.sock.settimeout(2)
+            _, addr = rx.sock.recvfrom(100)
+            rx.sock.sendto(b"challenge", addr)  # the reply: conntrack now has both ways
+            s.settimeout(2)
+            assert s.recv(100) == b"challenge"
+            start = time.monotonic()
+            for _ in range(2000):
+                s.sendto(MSG, (pair.server_v4, PORT))
+            elapsed = time.monotonic() - start
+        by_src, _ = rx.collect()
+        assert by_src[flooder] <= BURST + RATE * (elapsed + 2)
     finally:
         rx.close()
 
