@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Receive buffer of the UDP control socket: room for a few thousand datagrams, so a burst or
+# a scheduling hiccup under a flood does not drop a legitimate KNOCK in the kernel. The
+# kernel caps it at net.core.rmem_max.
+UDP_RCVBUF = 4 << 20
+
+
 def _bind(port: int, kind: socket.SocketKind, reuseport: bool = False) -> socket.socket:
     """A dual-stack socket on ``port`` (IPv4-only if the kernel lacks IPv6)."""
     try:
@@ -157,6 +163,8 @@ def _bind(port: int, kind: socket.SocketKind, reuseport: bool = False) -> socket
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if kind == socket.SOCK_DGRAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
         sock.bind(addr)
         sock.setblocking(False)
     except OSError:
