@@ -29,9 +29,14 @@ bench: setup
 	$(PY) -m pytest bench -p no:cacheprovider --benchmark-enable -q
 	$(PY) bench/bench_fwd_install.py
 
+# The flood benchmark (root): its own namespaces, both daemons, a C flood generator.
+FLOOD_ARGS ?=
+bench-flood: setup
+	$(PY) bench/flood/run.py $(FLOOD_ARGS)
+
 # Line-tracing build of the extensions (coverage / profilers see Cython lines).
 debug:
 	FASTKNOCK_CYTHON_TRACE=1 $(PY) setup.py build_ext --inplace --force
 
 clean:
-	rm -rf build *.egg-info fastknock/*.so fastknock/_wire.c fastknock/_hmac.c
+	rm -rf build *.egg-info fastknock/*.so fastknock/_wire.c fastknock/_hmac.c fastknock/_recv.c
