@@ -155,11 +155,32 @@ class Item:
     line: int
 
 
+def _pieces(value: str) -> list[str]:
+    """Split on ``/``, and also on a ``,`` that starts another ``key:`` attribute.
+
+    PROTOCOL.md's own example writes ``port: 7500, timeout: 60``; a comma inside a value
+    (``users: 1, 2``, ``tcp,udp``) is never followed by ``name:``, so this is unambiguous.
+    Each piece keeps its separator's width (one character) for line accounting.
+    """
+    out: list[str] = []
+    for piece in value.split("/"):
+        segments = piece.split(",")
+        current = segments[0]
+        for seg in segments[1:]:
+            if ":" in seg and ":" in current:
+                out.append(current)
+                current = seg
+            else:
+                current += "," + seg
+        out.append(current)
+    return out
+
+
 def split_items(opt: RawOption, source: str, where: str) -> list[Item]:
     """Split a ``a / key: b, c / d`` value into items (letmein's ``Map``)."""
     items = []
     offset = 0
-    for piece in opt.value.split("/"):
+    for piece in _pieces(opt.value):
         lead = len(piece) - len(piece.lstrip(WS))
         line = opt.line_at(offset + min(lead, max(len(piece) - 1, 0)))
         offset += len(piece) + 1

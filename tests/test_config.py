@@ -901,3 +901,27 @@ def test_prefilter_numbers() -> None:
 )
 def test_prefilter_errors(line: str, fragments: tuple[str, ...]) -> None:
     check(NFT + line + "\n", 3, *fragments)
+
+
+def test_protocol_md_resource_examples() -> None:
+    """The [RESOURCES] example of PROTOCOL.md, verbatim, including its comma-separated
+    ``port: 7500, timeout: 60`` (letmein writes ``/``; both mean the same)."""
+    text = (
+        "[NFTABLES]\nchain-input = X\n[RESOURCES]\n"
+        "00000022 = port: 22\n"
+        "00000001 = port: 1234 / tcp,udp / users: 00000005,00000006\n"
+        "00000002 = port: 7500, timeout: 60\n"
+        "00000003 = jump / input: MYCHAIN-INPUT / forward: MYCHAIN-FORWARD / "
+        "output: MYCHAIN-OUTPUT /\n"
+        "           input-match: saddr / forward-match: saddr / output-match: saddr /\n"
+        "           users: 00000001 / timeout: 60\n"
+    )
+    res = parse_config(text, "PROTOCOL.md").resources
+    assert res[0x22] == PortResource(0x22, 22)
+    assert res[1] == PortResource(1, 1234, tcp=True, udp=True, users=frozenset({5, 6}))
+    assert res[2] == PortResource(2, 7500, timeout=60)
+    assert res[3] == JumpResource(
+        3, "MYCHAIN-INPUT", "MYCHAIN-FORWARD", "MYCHAIN-OUTPUT", True, True, True,
+        frozenset({1}), 60,
+    )  # fmt: skip
+    assert parse_config(text.replace(", timeout", " / timeout"), "x").resources == res
