@@ -11,8 +11,11 @@ stops the workers too.
 from __future__ import annotations
 
 import os
+import pwd
 import re
+import shutil
 import signal
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from tests.e2e_support import (
     KEY1,
     KNOCK,
     RESPONSE,
+    SERVER_USER,
     USER1,
     Stack,
     flip,
@@ -42,7 +46,22 @@ FORGED = 10
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
+def metrics_dir() -> Iterator[Path]:
+    """A directory fastknockd can write after dropping root (to SERVER_USER)."""
+    top = Path(tempfile.mkdtemp(prefix="fk-metrics-"))
+    try:
+        top.chmod(0o755)
+        d = top / "textfile"
+        d.mkdir()
+        pw = pwd.getpwnam(SERVER_USER)
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+        yield d
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture
+def stack(metrics_dir: Path) -> Iterator[Stack]:
     netns.require()
     s = Stack(
         "workers",
@@ -51,7 +70,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             "--workers",
             "2",
             "--metrics-file",
-            str(tmp_path / "fastknockd.prom"),
+            str(metrics_dir / "fastknockd.prom"),
             "--metrics-interval",
             "0.1",
         ],
@@ -84,7 +103,7 @@ def _knock(stack: Stack, src: str) -> bool:
         peer.close()
 
 
-def test_two_workers_serve_and_count(stack: Stack, tmp_path: Path) -> None:
+def test_two_workers_serve_and_count(stack: Stack, metrics_dir: Path) -> None:
     assert stack.server is not None
     pids = [int(p) for p in re.findall(r"workers started: pids ([\d ]+)", stack.server_log())[0]
             .split()]  # fmt: skip
@@ -97,7 +116,7 @@ def test_two_workers_serve_and_count(stack: Stack, tmp_path: Path) -> None:
     assert peer.drain(0.3) == []  # stealth: nothing back
     peer.close()
 
-    files = [tmp_path / "fastknockd.worker0.prom", tmp_path / "fastknockd.worker1.prom"]
+    files = [metrics_dir / "fastknockd.worker0.prom", metrics_dir / "fastknockd.worker1.prom"]
 
     def totals() -> tuple[float, float, list[float]]:
         texts = [f.read_text() if f.exists() else "" for f in files]
