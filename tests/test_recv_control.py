@@ -149,3 +149,44 @@ def test_open_udp_rejects_unknown_path(run: Callable[[Any], Any]) -> None:
                 await open_udp(make_controller(FakeFirewall()), sock, "nope")  # type: ignore[arg-type]
 
     run(main())
+
+
+def test_a_swapped_core_reconfigures_the_reader(run: Callable[[Any], Any]) -> None:
+    """A config reload swaps ``controller.core``: the reader follows (new key ring, and
+    policy ``always`` now wants rejections handed up for their GOAWAY)."""
+    from fastknock.mac import KeyRing
+    from fastknock.protocol import ServerCore, ServerSettings
+
+    async def main() -> None:
+        c = make_controller(FakeFirewall(), policy=ErrorPolicy.BASIC_AUTH)
+        proto, port = await batched_udp_server(c)
+        assert isinstance(proto, BatchedUdpControl)
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.sendto(os.urandom(56), ("127.0.0.1", port))
+            await tc.until(lambda: c.counters["received"] == 1)
+            await asyncio.sleep(0.1)
+            with pytest.raises(BlockingIOError):
+                s.recv(100)  # stealth
+            old = c.core.settings
+            c.core = ServerCore(
+                ServerSettings(
+                    keyring=KeyRing({USER: KEY}),
+                    resources=old.resources,
+                    control_port=old.control_port,
+                    policy=ErrorPolicy.ALWAYS,
+                    timeout=old.timeout,
+                ),
+                os.urandom,
+            )
+            s.sendto(os.urandom(56), ("127.0.0.1", port))
+            reply = await asyncio.wait_for(loop.sock_recv(s, 100), 2)  # now a GOAWAY
+            assert int.from_bytes(reply[4:8], "big") == Operation.GOAWAY
+        assert proto.reader.keyring is c.core.settings.keyring
+        await tc_knock(port, udp=True)
+        assert c.counters["knocked"] == 1
+        proto.close()
+        await loop.shutdown_default_executor()
+
+    run(main())
