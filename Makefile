@@ -28,6 +28,7 @@ lint:
 bench: setup
 	$(PY) -m pytest bench -p no:cacheprovider --benchmark-enable -q
 	$(PY) bench/bench_fwd_install.py
+	PYTHONPATH=. $(PY) bench/bench_peer.py
 
 # The flood benchmark (root): its own namespaces, both daemons, a C flood generator.
 FLOOD_ARGS ?=

@@ -22,6 +22,7 @@ not flood the journal).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
@@ -51,6 +52,7 @@ IPV6_SOURCE_PREFIX = 56
 Firewall = Callable[[FirewallRequest, float], Awaitable[bool]]
 
 
+@functools.lru_cache(maxsize=4096)  # bounded; building an IPv6Network costs ~15 us
 def source_key(peer: IPAddress) -> IPAddress | ipaddress.IPv6Network:
     """What the per-source cap counts: the IPv4 address, or the IPv6 /56 it lies in."""
     if isinstance(peer, ipaddress.IPv6Address):

@@ -36,6 +36,7 @@ allocates a session. Peer input never raises: it ends in a ``SessionClosed`` wit
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -137,6 +138,7 @@ class SessionClosed:
 Event = Send | FirewallRequest | SessionClosed
 
 
+@functools.lru_cache(maxsize=4096)  # bounded; a flood from many ports of few hosts hits it
 def normalize_peer(host: str | IPAddress) -> IPAddress:
     """Parse a socket peer address; IPv4-mapped IPv6 (``::ffff:a.b.c.d``) is an IPv4 client."""
     addr = ipaddress.ip_address(host.split("%", 1)[0] if isinstance(host, str) else host)
