@@ -258,28 +258,9 @@ class Listeners:
         self._close_socks()
 
 
-# Without IP(V6)_RECVERR, Linux treats an ICMP(v6) "port unreachable" answering a SYN as a
-# soft error and only gives up after the SYN retransmission (1 s); with it, a closed port
-# (letmein's ruleset ends in "reject") is reported at once.
-IP_RECVERR, IPV6_RECVERR = 11, 25
-
-
 def tcp_reachable(ns: str, src: str, dst: str, port: int, timeout: float = 5.0) -> bool:
-    """Whether ``dst:port`` accepts a TCP connection from ``src`` (in ``ns``). Refusals
-    (RST or ICMP) return False at once; ``timeout`` only bounds a silently dropped SYN."""
-    family = _family(dst)
-    with netns.socket_in(ns, family, socket.SOCK_STREAM) as sock:
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
-        else:
-            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-        sock.settimeout(timeout)
-        sock.bind((src, 0))
-        try:
-            sock.connect((dst, port))
-            return True
-        except OSError:
-            return False
+    """Whether ``dst:port`` accepts a TCP connection from ``src`` (in ``ns``)."""
+    return netns.tcp_connects(ns, src, dst, port, timeout)
 
 
 ETH_P_ALL = 0x0003

@@ -179,9 +179,20 @@ def _family(addr: str) -> int:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
+# Without IP(V6)_RECVERR, Linux treats an ICMP(v6) "port unreachable" answering a SYN as a
+# soft error and lets connect() run into its timeout; with it, a refusal returns at once.
+IP_RECVERR, IPV6_RECVERR = 11, 25
+
+
 def tcp_connects(ns: str, src: str, dst: str, port: int, timeout: float = 1.0) -> bool:
-    """Whether a TCP connection from ``src`` (in ``ns``) to ``dst:port`` is accepted."""
-    with socket_in(ns, _family(dst), socket.SOCK_STREAM) as sock:
+    """Whether a TCP connection from ``src`` (in ``ns``) to ``dst:port`` is accepted.
+    Refusals (RST or ICMP) return False at once; ``timeout`` only bounds a dropped SYN."""
+    family = _family(dst)
+    with socket_in(ns, family, socket.SOCK_STREAM) as sock:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         sock.settimeout(timeout)
         sock.bind((src, 0))
         try:
