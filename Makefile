@@ -7,10 +7,10 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test unit lint bench bench-flood debug clean
 
 setup:
-	./scripts/setup.sh
+	bash scripts/setup.sh
 
 demo: setup
-	./scripts/demo.sh
+	bash scripts/demo.sh
 
 # pytest exit code 5 ("no tests collected") counts as a failure. First the pure-Python
 # references on their own (unit tests, FASTKNOCK_NO_EXTENSIONS=1), then everything with the
