@@ -214,28 +214,20 @@ def _bind_control(config: Config, reuseport: bool = False) -> Sockets:
     return udp, tcp
 
 
-async def serve(
-    config: Config, args: argparse.Namespace, socks: Sockets | None = None, worker: int = 0
-) -> None:
+async def serve(config: Config, args: argparse.Namespace, socks: Sockets, worker: int = 0) -> None:
+    """Serve on the bound (or systemd-passed) ``socks`` until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
     core = ServerCore(ServerSettings.from_config(config), os.urandom)
-    controller = Controller(
-        core,
-        FwdLink(fwproto.socket_path(args.rundir), config.checksum),
-        Limits(args.num_connections, args.num_ip_connections),
-    )
+    link = FwdLink(fwproto.socket_path(args.rundir), config.checksum)
+    controller = Controller(core, link, Limits(args.num_connections, args.num_ip_connections))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     udp: UdpControl | None = None
     tcp: asyncio.base_events.Server | None = None
-    udp_sock, tcp_sock = socks if socks is not None else _bind_control(config)
-    fwd_link = controller.firewall
-    loop.add_signal_handler(
-        signal.SIGHUP,
-        lambda: _reload(args, controller, fwd_link, config),  # type: ignore[arg-type]
-    )
+    udp_sock, tcp_sock = socks
+    loop.add_signal_handler(signal.SIGHUP, _reload, args, controller, link, config)
     if udp_sock is not None:
         udp = await recv.open_udp(controller, udp_sock, args.udp_path)
     if tcp_sock is not None:

@@ -12,8 +12,9 @@ Design
   share the one fastknockfwd (it batches their requests together).
 * The parent only supervises: SIGTERM/SIGINT are passed on to the workers; when a worker
   exits on its own, the others are stopped too and the parent exits with its status
-  (a service manager restarts the whole group). Signals are blocked across the forks, so
-  none can arrive between a fork and the handlers being in place.
+  (a service manager restarts the whole group). SIGHUP is passed on too (every worker
+  reloads its config). Signals are blocked across the forks, so none can arrive between a
+  fork and the handlers being in place.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Callable
 log = logging.getLogger("fastknockd")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_FORWARD = (signal.SIGHUP,)  # passed on without stopping: every worker reloads its config
 
 
 def _status(wait_status: int) -> int:
@@ -40,7 +42,7 @@ def supervise(n: int, child: Callable[[int], int]) -> int:
     status) and wait for all of them. Returns the first non-zero status, else 0."""
     if n < 1:
         raise ValueError("at least one worker")
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS + _FORWARD)
     pids: dict[int, int] = {}
     try:
         for index in range(n):
@@ -50,7 +52,7 @@ def supervise(n: int, child: Callable[[int], int]) -> int:
             if pid == 0:  # the worker
                 rc = 1
                 try:
-                    for sig in _SIGNALS:
+                    for sig in _SIGNALS + _FORWARD:
                         signal.signal(sig, signal.SIG_DFL)
                     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                     rc = child(index)
@@ -77,7 +79,15 @@ def supervise(n: int, child: Callable[[int], int]) -> int:
             except ProcessLookupError:
                 pass
 
+    def forward(signum: int, _frame: object) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
     previous = {sig: signal.signal(sig, stop) for sig in _SIGNALS}
+    previous.update({sig: signal.signal(sig, forward) for sig in _FORWARD})
     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     log.info("%d workers started: pids %s", n, " ".join(map(str, pids)))
     result = 0

@@ -145,3 +145,30 @@ def test_a_dead_worker_stops_the_group(stack: Stack) -> None:
     wait_for("group stopped", lambda: not stack.server.alive())  # type: ignore[union-attr]
     assert stack.server.proc.returncode == 128 + signal.SIGKILL
     assert not os.path.exists(f"/proc/{pids[1]}")
+
+
+def test_sighup_reloads_every_worker(stack: Stack) -> None:
+    """SIGHUP to the supervising parent reaches each worker (they reload; the group lives)."""
+    assert stack.server is not None
+    pids = [int(p) for p in re.findall(r"workers started: pids ([\d ]+)", stack.server_log())[0]
+            .split()]  # fmt: skip
+    stack.server.send_signal(signal.SIGHUP)
+    wait_for("both workers reloaded", lambda: stack.server_log().count("reloaded ") == 2)
+    assert stack.server.alive() and all(os.path.exists(f"/proc/{p}") for p in pids)
+    _, me, _ = stack.addrs(v6=False)
+    assert _knock(stack, me)
+    assert stack.server.stop() == 0
+
+
+def test_workers_under_seccomp_kill() -> None:
+    """Each worker installs the allow-list after the fork and still serves knocks."""
+    netns.require()
+    s = Stack("wkill", [RES], server_args=["--workers", "2", "--seccomp", "kill"])
+    try:
+        _, me, _ = s.addrs(v6=False)
+        assert all(_knock(s, me) for _ in range(6))
+        assert s.server_log().count("seccomp (kill) installed for server") == 2
+        assert s.server is not None and s.server.stop() == 0
+        assert "Traceback" not in s.server_log()
+    finally:
+        s.close()
