@@ -117,6 +117,9 @@ ALL_RES = [
     R_LIMIT,
     R_SIG,
 ]
+# The failure matrix runs ~100 sessions at once from two addresses: lift the caps there (the
+# caps have their own test with -N 2).
+BIG_LIMITS = ("-n", "1024", "-N", "1024")
 # The shared stacks, named for their control-error-policy, and what else they exercise:
 # - basic: the production stealth setup: UDP read by the batched receive path (the fused
 #   check in C drops rejects before Python sees them), fastknockfwd's in-kernel pre-filter
@@ -130,10 +133,13 @@ STACKS: dict[str, dict[str, Any]] = {
     "proto": {"policy": "basic-auth", "udp_path": "protocol", "nft_extra": "prefilter = off\n"},
     "always": {"policy": "always", "nft_extra": "prefilter = off\n"},
     "full": {"policy": "full-auth"},
+    # kill: the basic setup with seccomp = kill in both daemons (issue 6's hardening).
+    "kill": {
+        "policy": "basic-auth",
+        "server_args": (*BIG_LIMITS, "--seccomp", "kill"),
+        "fwd_args": ("--seccomp", "kill"),
+    },
 }
-# The failure matrix runs ~100 sessions at once from two addresses: lift the caps there (the
-# caps have their own test with -N 2).
-BIG_LIMITS = ("-n", "1024", "-N", "1024")
 
 
 def make_stack(name: str, **spec: Any) -> Stack:
@@ -209,13 +215,18 @@ def test_oracle_codec_matches_protocol_vectors() -> None:
 
 
 @e2e
+@pytest.mark.parametrize("seccomp", ["off", "kill"])
 @pytest.mark.parametrize(
     ("transport", "v6", "kind"),
     MATRIX,
     ids=[f"{t}-{'v6' if v6 else 'v4'}-{k}" for t, v6, k in MATRIX],
 )
-def test_knock_and_revoke(basic: Stack, transport: str, v6: bool, kind: str) -> None:
-    """The protected listener is closed, opens for the knocker only, and closes on revoke."""
+def test_knock_and_revoke(
+    stacks: Callable[[str], Stack], seccomp: str, transport: str, v6: bool, kind: str
+) -> None:
+    """The protected listener is closed, opens for the knocker only, and closes on revoke:
+    with seccomp off, and with ``seccomp = kill`` in both daemons."""
+    basic = stacks("basic" if seccomp == "off" else "kill")
     res = MATRIX_RES[MATRIX.index((transport, v6, kind))]
     server, me, other = basic.addrs(v6)
     flags = ("-r", f"{res.id:08X}", "-U" if transport == "udp" else "-T", "-6" if v6 else "-4")
