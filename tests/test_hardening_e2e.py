@@ -1,7 +1,8 @@
-"""Hardening on the real kernel: the privilege drop and seccomp filter read back from /proc
-(the knock/revoke matrix under ``seccomp = kill`` is in test_server_e2e.py), socket activation by ``systemd-socket-activate`` (TCP and UDP), sd_notify, and
-SIGHUP reload of both daemons. Namespaces, processes and files come from ``Stack``
-(tests/e2e_support.py) and are removed afterwards.
+"""Hardening on the real kernel: the privilege drop and seccomp filter read back from /proc,
+socket activation by ``systemd-socket-activate`` (TCP and UDP), sd_notify, and SIGHUP reload
+of both daemons. (The knock/revoke matrix under ``seccomp = kill`` is in test_server_e2e.py.)
+Namespaces, processes and files come from ``Stack`` (tests/e2e_support.py) and are removed
+afterwards.
 """
 
 from __future__ import annotations
