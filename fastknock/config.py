@@ -65,6 +65,20 @@ DEFAULT_CONTROL_PORT = 5800
 Role = Literal["server", "client"]
 
 
+def _protocols(values: list[str]) -> tuple[bool, bool, str | None]:
+    """The tcp/udp flags named by ``values`` (any case), and the first other word, if any."""
+    tcp = udp = False
+    for value in values:
+        proto = lower_word(value)
+        if proto == "tcp":
+            tcp = True
+        elif proto == "udp":
+            udp = True
+        else:
+            return tcp, udp, value
+    return tcp, udp, None
+
+
 class ErrorPolicy(enum.Enum):
     ALWAYS = "always"
     BASIC_AUTH = "basic-auth"
@@ -223,17 +237,13 @@ class _Parser(Checker):
                     self.fail(f"{where}: more than one port number", item.line)
                 port = self.uint(item.values[0], where, item.line, 1, 0xFFFF)
                 continue
-            for value in item.values:
-                proto = lower_word(value)
-                if proto == "tcp":
-                    tcp = True
-                elif proto == "udp":
-                    udp = True
-                else:
-                    self.fail(
-                        f"{where}: unknown protocol {show(value)} (expected tcp, udp or both)",
-                        item.line,
-                    )
+            t, u, bad = _protocols(item.values)
+            if bad is not None:
+                self.fail(
+                    f"{where}: unknown protocol {show(bad)} (expected tcp, udp or both)",
+                    item.line,
+                )
+            tcp, udp = tcp or t, udp or u
         if not (tcp or udp):
             tcp = True
         return (DEFAULT_CONTROL_PORT if port is None else port), tcp, udp
@@ -388,14 +398,10 @@ class _Parser(Checker):
         common: dict[str, object] = {}
         for it in items:
             if it.key is None:
-                for value in it.values:
-                    proto = lower_word(value)
-                    if proto == "tcp":
-                        tcp = True
-                    elif proto == "udp":
-                        udp = True
-                    else:
-                        self.fail(f"{where}: unknown attribute {show(value)}", it.line)
+                t, u, bad = _protocols(it.values)
+                if bad is not None:
+                    self.fail(f"{where}: unknown attribute {show(bad)}", it.line)
+                tcp, udp = tcp or t, udp or u
             elif it.key == "port":
                 if port is not None:
                     self.fail(f"{where}: more than one 'port:'", it.line)
