@@ -100,8 +100,12 @@ class Controller:
         self.firewall = firewall
         self.limits = limits
         self.counters: Counter[str] = Counter()
-        self.timeout = core.settings.timeout
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def timeout(self) -> float:
+        """The control timeout of the current core (a reload swaps the core)."""
+        return self.core.settings.timeout
 
     def ended(self, end: SessionClosed, peer: IPAddress | str) -> None:
         self.counters[f"outcome_{end.outcome.value}"] += 1

@@ -284,7 +284,6 @@ def _reload(args: argparse.Namespace, controller: Controller, link: FwdLink, old
         if (new.port, new.port_udp, new.port_tcp) != (old.port, old.port_udp, old.port_tcp):
             log.warning("the control port changed: that takes a restart; the rest applies now")
         controller.core = ServerCore(ServerSettings.from_config(new), os.urandom)
-        controller.timeout = new.control_timeout
         link.checksum = new.checksum
         log.info("reloaded %s (%d users, %d resources)", new.source, len(new.keys),
                  len(new.resources))  # fmt: skip
