@@ -44,11 +44,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-COMPAT_RULESET = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "compat", "nftables.conf"
-)
-if not os.path.exists(COMPAT_RULESET):  # the repository lives at /work/main
-    COMPAT_RULESET = "/work/shared/compat/nftables.conf"
+# letmein's example ruleset, copied into the repository (tests never read outside it).
+COMPAT_RULESET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compat", "nftables.conf")
 MYCHAINS = """
 add chain inet filter MYCHAIN-INPUT
 add chain inet filter MYCHAIN-FORWARD

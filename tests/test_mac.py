@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from fastknock.errors import WireError
 from fastknock.message import MAGIC, ZERO_CHALLENGE, Message, Operation, Reason
 
-# Test vectors from letmein's own test suite, as restated in /work/shared/PROTOCOL.md
+# Test vectors from letmein's own test suite, as restated in docs/PROTOCOL.md
 # ("Authentication", test vectors 1-3).
 KEY1 = b"\x9e" * 32
 USER1, RES1, SALT1 = 0xA423DDA7, 0xBC5D8077, b"\x4a" * 8
