@@ -44,4 +44,4 @@ debug:
 	FASTKNOCK_CYTHON_TRACE=1 $(PY) setup.py build_ext --inplace --force
 
 clean:
-	rm -rf build *.egg-info fastknock/*.so fastknock/_wire.c fastknock/_hmac.c fastknock/_recv.c
+	rm -rf build *.egg-info fastknock/*.so fastknock/*/*.so fastknock/_wire.c fastknock/_hmac.c fastknock/knockd/_recv.c

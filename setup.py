@@ -29,8 +29,8 @@ if os.environ.get("FASTKNOCK_NO_EXTENSIONS") != "1":
                 extra_compile_args=cflags,
             ),
             Extension(
-                "fastknock._recv",
-                ["fastknock/_recv.pyx"],
+                "fastknock.knockd._recv",
+                ["fastknock/knockd/_recv.pyx"],
                 include_dirs=["fastknock"],
                 define_macros=macros,
                 extra_compile_args=cflags,

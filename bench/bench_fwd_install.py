@@ -28,8 +28,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from fastknock.config import NftablesConfig  # noqa: E402
-from fastknock.nft import Change, Firewall, LibNftables, PortLease  # noqa: E402
+from fastknock.conf.config import NftablesConfig  # noqa: E402
+from fastknock.firewall.nft import Change, Firewall, LibNftables, PortLease  # noqa: E402
 
 RULESET = """
 flush ruleset

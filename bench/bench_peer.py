@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import timeit
 
-from fastknock.control import source_key
+from fastknock.knockd.control import source_key
 from fastknock.protocol import normalize_peer
 
 N = 200_000

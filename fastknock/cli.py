@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fastknock.client import Target
-    from fastknock.config import Config
+    from fastknock.conf.config import Config
+    from fastknock.knock.client import Target
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -44,7 +44,7 @@ def _port(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from fastknock import __version__
-    from fastknock.config import DEFAULT_CLIENT_CONFIG
+    from fastknock.conf.config import DEFAULT_CLIENT_CONFIG
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -128,9 +128,9 @@ def gen_key(user: int | None) -> str:
 
 
 def _load(path: str) -> Config:
-    from fastknock.config import load_config
+    from fastknock.conf.config import load_config
+    from fastknock.conf.permissions import permission_warnings
     from fastknock.errors import ConfigError
-    from fastknock.hygiene import permission_warnings
 
     try:
         config = load_config(path, role="client")
@@ -142,7 +142,7 @@ def _load(path: str) -> Config:
 
 
 def _pick_resource(config: Config, args: argparse.Namespace, user: int) -> int:
-    from fastknock.config import PortResource
+    from fastknock.conf.config import PortResource
 
     if args.resource is not None:
         return int(args.resource)
@@ -167,7 +167,7 @@ def _targets(args: argparse.Namespace, config: Config) -> tuple[list[Target], bo
     """Addresses to knock, and whether all of them must succeed."""
     import socket
 
-    from fastknock.client import Target
+    from fastknock.knock.client import Target
 
     port = args.server_port or config.port
     udp = bool(args.udp or (not args.tcp and config.port_udp and not config.port_tcp))
@@ -200,7 +200,7 @@ class KnockFailed(Exception):
 def knock(args: argparse.Namespace, config: Config) -> None:
     import threading
 
-    from fastknock.client import KnockError, run_session
+    from fastknock.knock.client import KnockError, run_session
     from fastknock.mac import HmacKey
     from fastknock.message import Operation
 
@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "gen-key":
             print(gen_key(args.user))
             return 0
-        from fastknock.config import DEFAULT_CLIENT_CONFIG
+        from fastknock.conf.config import DEFAULT_CLIENT_CONFIG
 
         config = _load(getattr(args, "config", DEFAULT_CLIENT_CONFIG))
         knock(args, config)

@@ -52,12 +52,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fastknock import config as configmod
-from fastknock import fwproto, hygiene, metrics, privs, seccomp, systemd
-from fastknock.config import Config, JumpResource
+from fastknock import ipc
+from fastknock.conf import config as configmod
+from fastknock.conf import permissions
+from fastknock.conf.config import Config, JumpResource
 from fastknock.errors import ConfigError, FirewallError, WireError
-from fastknock.fwproto import FwOp, FwRequest, FwStatus
-from fastknock.nft import (
+from fastknock.firewall.nft import (
     Change,
     Firewall,
     JumpLease,
@@ -66,6 +66,8 @@ from fastknock.nft import (
     PortLease,
     make_runner,
 )
+from fastknock.ipc import FwOp, FwRequest, FwStatus
+from fastknock.osutil import metrics, privs, seccomp, systemd
 
 log = logging.getLogger("fastknockfwd")
 
@@ -157,7 +159,7 @@ class Daemon:
         assert nft is not None
         if not hmac.compare_digest(req.checksum, cfg.checksum):
             return FwStatus.BAD_CHECKSUM
-        addr = fwproto.normalize_addr(req.addr)
+        addr = ipc.normalize_addr(req.addr)
         if addr in _BAD_ADDRS or not self.fw.supports(addr):
             return FwStatus.BAD_ADDRESS
         res = cfg.resources.get(req.resource)
@@ -202,7 +204,7 @@ class Daemon:
         log.log(
             logging.INFO if status == FwStatus.ACK else logging.WARNING,
             "%s user=%08X resource=%08X addr=%s: %s",
-            what, req.user, req.resource, fwproto.normalize_addr(req.addr), status.name,
+            what, req.user, req.resource, ipc.normalize_addr(req.addr), status.name,
         )  # fmt: skip
         return status
 
@@ -301,14 +303,14 @@ class Daemon:
                 log.warning("refused peer pid=%d uid=%d gid=%d: not permitted", pid, uid, gid)
                 self.counts["refused_peers"] += 1
                 try:  # read the request first, so the peer sees the reply, not EPIPE
-                    await asyncio.wait_for(reader.readexactly(fwproto.REQUEST_SIZE), 1.0)
+                    await asyncio.wait_for(reader.readexactly(ipc.REQUEST_SIZE), 1.0)
                 except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
                     pass
                 await self._reply(writer, FwStatus.NOT_PERMITTED)
                 return
             try:
                 data = await asyncio.wait_for(
-                    reader.readexactly(fwproto.REQUEST_SIZE), self.cfg.control_timeout
+                    reader.readexactly(ipc.REQUEST_SIZE), self.cfg.control_timeout
                 )
             except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError) as exc:
                 log.warning(
@@ -316,7 +318,7 @@ class Daemon:
                 )
                 return
             try:
-                req = fwproto.decode_request(data)
+                req = ipc.decode_request(data)
             except WireError as exc:
                 log.warning("malformed request from pid=%d: %s", pid, exc)
                 await self._reply(writer, FwStatus.MALFORMED)
@@ -329,7 +331,7 @@ class Daemon:
 
     async def _reply(self, writer: asyncio.StreamWriter, status: FwStatus) -> None:
         try:
-            writer.write(fwproto.encode_reply(status))
+            writer.write(ipc.encode_reply(status))
             await asyncio.wait_for(writer.drain(), self.cfg.control_timeout)
         except (OSError, asyncio.TimeoutError):
             pass
@@ -391,12 +393,12 @@ async def _serve(args: argparse.Namespace, cfg: Config, fw: Firewall, peer: Peer
     await asyncio.to_thread(daemon.load)
     log.info("%d live lease(s) in the kernel (max-nr-rules %d)", daemon.live(),
              cfg.nftables.max_nr_rules if cfg.nftables else 0)  # fmt: skip
-    rundir = os.path.join(args.rundir, fwproto.SOCKET_DIR)
+    rundir = os.path.join(args.rundir, ipc.SOCKET_DIR)
     os.makedirs(rundir, mode=0o750, exist_ok=True)
     os.chown(rundir, 0, peer.gid)
     os.chmod(rundir, 0o750)  # noqa: S103 -- group: the server account, like letmein
-    path = fwproto.socket_path(args.rundir)
-    pidfile = fwproto.pid_path(args.rundir)
+    path = ipc.socket_path(args.rundir)
+    pidfile = ipc.pid_path(args.rundir)
     activated = [] if args.no_systemd else systemd.listen_fds()
     if activated:  # fastknockfwd.socket: systemd owns the path and its mode
         server = await asyncio.start_unix_server(daemon.serve_conn, sock=activated[0])
@@ -473,7 +475,7 @@ async def _reload(args: argparse.Namespace, daemon: Daemon) -> None:
     except (ConfigError, FirewallError) as exc:
         log.error("reload failed, keeping the old configuration: %s", exc)
     else:
-        for warning in hygiene.permission_warnings(args.config, cfg, "server"):
+        for warning in permissions.permission_warnings(args.config, cfg, "server"):
             log.warning("%s", warning)
         fw.stats = daemon.fw.stats
         daemon.cfg, daemon.fw = cfg, fw
@@ -519,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)
         return 2
-    for warning in hygiene.permission_warnings(args.config, cfg, "server"):
+    for warning in permissions.permission_warnings(args.config, cfg, "server"):
         log.warning("%s", warning)
     args.seccomp_mode = args.seccomp or cfg.seccomp.value
     try:
@@ -530,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         fw = Firewall(cfg.nftables, runner, cfg.port, cfg.port_tcp, cfg.port_udp)
         if args.list:
             return list_leases(fw)
-        other = _running_instance(fwproto.pid_path(args.rundir))
+        other = _running_instance(ipc.pid_path(args.rundir))
         if other is not None:
             log.error(
                 "fastknockfwd is already running with pid %d (--rundir %s)", other, args.rundir

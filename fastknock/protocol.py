@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from fastknock import wire
-from fastknock.config import Config, ErrorPolicy, PortResource, Resource
+from fastknock.conf.config import Config, ErrorPolicy, PortResource, Resource
 from fastknock.errors import ProtocolError, WireError
 from fastknock.mac import HmacKey, KeyRing
 from fastknock.message import (

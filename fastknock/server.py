@@ -33,11 +33,14 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from fastknock import __version__, fwproto, hygiene, metrics, privs, recv, seccomp, systemd, workers
-from fastknock.config import DEFAULT_SERVER_CONFIG, Config, load_config
-from fastknock.control import Controller, Limits, UdpControl
+from fastknock import __version__, ipc
+from fastknock.conf import permissions
+from fastknock.conf.config import DEFAULT_SERVER_CONFIG, Config, load_config
 from fastknock.errors import ConfigError, FastknockError
+from fastknock.knockd import recv, workers
+from fastknock.knockd.control import Controller, Limits, UdpControl
 from fastknock.message import Operation
+from fastknock.osutil import metrics, privs, seccomp, systemd
 from fastknock.protocol import FirewallRequest, ServerCore, ServerSettings
 
 # Imported at start-up, not when the loop starts: by then root is dropped and the Python
@@ -181,14 +184,14 @@ class FwdLink:
         self.checksum = checksum
 
     async def __call__(self, request: FirewallRequest, timeout: float) -> bool:
-        op = fwproto.FwOp.INSTALL if request.operation is Operation.KNOCK else fwproto.FwOp.REVOKE
-        req = fwproto.FwRequest(op, request.user, request.resource, request.peer, self.checksum)
+        op = ipc.FwOp.INSTALL if request.operation is Operation.KNOCK else ipc.FwOp.REVOKE
+        req = ipc.FwRequest(op, request.user, request.resource, request.peer, self.checksum)
         try:
-            status = await fwproto.request(self.path, req, timeout)
+            status = await ipc.request(self.path, req, timeout)
         except FastknockError as exc:
             log.warning("firewall: %s", exc)
             return False
-        if status is not fwproto.FwStatus.ACK:
+        if status is not ipc.FwStatus.ACK:
             log.warning(
                 "[%s] firewall refused resource %08X for user %08X: %s",
                 request.peer,
@@ -218,7 +221,7 @@ async def serve(config: Config, args: argparse.Namespace, socks: Sockets, worker
     """Serve on the bound (or systemd-passed) ``socks`` until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
     core = ServerCore(ServerSettings.from_config(config), os.urandom)
-    link = FwdLink(fwproto.socket_path(args.rundir), config.checksum)
+    link = FwdLink(ipc.socket_path(args.rundir), config.checksum)
     controller = Controller(core, link, Limits(args.num_connections, args.num_ip_connections))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -294,7 +297,7 @@ def _reload(args: argparse.Namespace, controller: Controller, link: FwdLink, old
 
 def summary(config: Config) -> str:
     """What --check-config prints: ports, users and resources; never a key."""
-    from fastknock.config import PortResource
+    from fastknock.conf.config import PortResource
 
     protos = ",".join(p for p, on in (("udp", config.port_udp), ("tcp", config.port_tcp)) if on)
     lines = [
@@ -392,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fastknockd: {exc}", file=sys.stderr)
         return 2
-    for warning in hygiene.permission_warnings(args.config, config, "server"):
+    for warning in permissions.permission_warnings(args.config, config, "server"):
         log.warning("%s", warning)
     if args.check_config:
         print(summary(config))

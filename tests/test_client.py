@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fastknock import cli
-from fastknock.config import ErrorPolicy, PortResource
+from fastknock.conf.config import ErrorPolicy, PortResource
 from fastknock.mac import KeyRing
 from fastknock.message import Operation
 from fastknock.protocol import ServerSettings

@@ -1,4 +1,4 @@
-"""Tests of fastknock.config: letmein's own config files load with letmein's meaning, and
+"""Tests of fastknock.conf.config: letmein's own config files load with letmein's meaning, and
 every malformed input is a ConfigError that names the file, the line and the problem.
 
 Fuzz invariant (hypothesis tests at the end): any text or bytes -> a Config or a
@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastknock.config import (
+from fastknock.conf.config import (
     Config,
     ErrorPolicy,
     JumpResource,

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from fastknock.client import KnockError, Target, run_session
-from fastknock.config import ErrorPolicy, PortResource
-from fastknock.control import Controller, Limits, UdpControl, source_key
+from fastknock.conf.config import ErrorPolicy, PortResource
+from fastknock.knock.client import KnockError, Target, run_session
+from fastknock.knockd.control import Controller, Limits, UdpControl, source_key
 from fastknock.mac import HmacKey, KeyRing
 from fastknock.message import Operation
 from fastknock.protocol import FirewallRequest, ServerCore, ServerSettings

@@ -13,10 +13,10 @@ from types import MappingProxyType
 
 import pytest
 
-from fastknock.config import Config, JumpResource, NftablesConfig, PortResource
+from fastknock.conf.config import Config, JumpResource, NftablesConfig, PortResource
+from fastknock.firewall.nft import Change, Firewall, LiveLease, PortLease
 from fastknock.fwd import Daemon, Peer
-from fastknock.fwproto import FwOp, FwRequest, FwStatus
-from fastknock.nft import Change, Firewall, LiveLease, PortLease
+from fastknock.ipc import FwOp, FwRequest, FwStatus
 
 USER, USER2 = 0x12345678, 0x2
 SUM = bytes(32)

@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from fastknock import fwproto
-from fastknock.config import config_checksum
-from fastknock.fwproto import FwOp, FwStatus
+from fastknock import ipc
+from fastknock.conf.config import config_checksum
+from fastknock.ipc import FwOp, FwStatus
 from tests import netns
 
 pytestmark = pytest.mark.e2e
@@ -93,7 +93,7 @@ class Fwd:
             f.write(text)
         self.checksum = config_checksum(text.encode())
         self.rundir = os.path.join(workdir, "run")
-        self.path = fwproto.socket_path(self.rundir)
+        self.path = ipc.socket_path(self.rundir)
         self.log_path = os.path.join(workdir, "fwd.log")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -104,7 +104,7 @@ class Fwd:
             argv.append("--test-mode")
         with open(self.log_path, "a") as log:
             self.proc = netns.popen(self.pair.server, argv, stderr=log, cwd=os.getcwd())
-        pidfile = fwproto.pid_path(self.rundir)
+        pidfile = ipc.pid_path(self.rundir)
 
         def ready() -> bool:  # the PID file is written once the socket listens
             assert self.proc is not None
@@ -125,10 +125,8 @@ class Fwd:
     def ask(
         self, op: FwOp, res: int, addr: str, user: int = USER, checksum: bytes | None = None
     ) -> FwStatus:
-        req = fwproto.FwRequest(
-            op, user, res, ipaddress.ip_address(addr), checksum or self.checksum
-        )
-        return fwproto.request_sync(self.path, req, 10.0)
+        req = ipc.FwRequest(op, user, res, ipaddress.ip_address(addr), checksum or self.checksum)
+        return ipc.request_sync(self.path, req, 10.0)
 
     def install(self, res: int, addr: str, **kw: object) -> FwStatus:
         return self.ask(FwOp.INSTALL, res, addr, **kw)  # type: ignore[arg-type]
@@ -363,10 +361,8 @@ def test_thousand_concurrent_installs_are_batched(env: Env) -> None:
 
     async def knock_all() -> list[FwStatus]:
         async def one(addr: str) -> FwStatus:
-            req = fwproto.FwRequest(
-                FwOp.INSTALL, USER, 0x45, ipaddress.ip_address(addr), fwd.checksum
-            )
-            return await fwproto.request(fwd.path, req, 60.0)
+            req = ipc.FwRequest(FwOp.INSTALL, USER, 0x45, ipaddress.ip_address(addr), fwd.checksum)
+            return await ipc.request(fwd.path, req, 60.0)
 
         return await asyncio.gather(*(one(a) for a in addrs))
 
@@ -425,8 +421,8 @@ def _as_user(uid: int, gid: int, path: str, data: bytes) -> bytes:
 def test_bad_requests_are_refused_and_daemon_keeps_serving(env: Env) -> None:
     fwd = env.fwd(timeout=600).start()
     me = env.pair.client_v4[0]
-    good = fwproto.encode_request(
-        fwproto.FwRequest(FwOp.INSTALL, USER, 0x42, ipaddress.ip_address(me), fwd.checksum)
+    good = ipc.encode_request(
+        ipc.FwRequest(FwOp.INSTALL, USER, 0x42, ipaddress.ip_address(me), fwd.checksum)
     )
     assert fwd.install(0x42, me, checksum=bytes(32)) == FwStatus.BAD_CHECKSUM
     for bad in ("0.0.0.0", "255.255.255.255", "::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"):
@@ -436,7 +432,7 @@ def test_bad_requests_are_refused_and_daemon_keeps_serving(env: Env) -> None:
     assert fwd.install(0x44, me, user=USER2) == FwStatus.USER_NOT_ALLOWED
     assert fwd.install(0x5800, me) == FwStatus.BAD_PORT
     # Garbage of the right size gets MALFORMED; short or silent peers are just dropped.
-    assert fwproto.decode_reply(_raw(fwd.path, os.urandom(64))) == FwStatus.MALFORMED
+    assert ipc.decode_reply(_raw(fwd.path, os.urandom(64))) == FwStatus.MALFORMED
     assert _raw(fwd.path, good[:10], shut=True) == b""
     slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     slow.connect(fwd.path)
@@ -447,7 +443,7 @@ def test_bad_requests_are_refused_and_daemon_keeps_serving(env: Env) -> None:
     slow.close()
     # A peer with another uid (but group access to the socket) is refused.
     reply = _as_user(65534, 0, fwd.path, good)
-    assert fwproto.decode_reply(reply) == FwStatus.NOT_PERMITTED
+    assert ipc.decode_reply(reply) == FwStatus.NOT_PERMITTED
     # IPv4-mapped IPv6 is an IPv4 client.
     assert fwd.install(0x42, "::ffff:" + env.pair.client_v4[1]) == FwStatus.ACK
     assert env.set_size("fastknock_tcp4") == 2 and env.set_size("fastknock_tcp6") == 0
@@ -465,10 +461,10 @@ def test_server_account_checked_without_test_mode(env: Env) -> None:
     st_dir, st_sock = os.stat(sock_dir), os.stat(fwd.path)
     assert (st_dir.st_mode & 0o777, st_sock.st_mode & 0o777) == (0o750, 0o660)
     assert st_dir.st_gid == st_sock.st_gid == 65534 and st_sock.st_uid == 0
-    req = fwproto.FwRequest(FwOp.INSTALL, USER, 0x42, ipaddress.ip_address(me), fwd.checksum)
-    reply = _as_user(65534, 65534, fwd.path, fwproto.encode_request(req))
-    assert fwproto.decode_reply(reply) == FwStatus.ACK
-    with open(fwproto.pid_path(fwd.rundir)) as f:
+    req = ipc.FwRequest(FwOp.INSTALL, USER, 0x42, ipaddress.ip_address(me), fwd.checksum)
+    reply = _as_user(65534, 65534, fwd.path, ipc.encode_request(req))
+    assert ipc.decode_reply(reply) == FwStatus.ACK
+    with open(ipc.pid_path(fwd.rundir)) as f:
         assert int(f.read()) == fwd.proc.pid  # type: ignore[union-attr]
 
 

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastknock import fwproto
+from fastknock import ipc
 from fastknock.errors import FirewallError, WireError
-from fastknock.fwproto import FwOp, FwRequest, FwStatus
+from fastknock.ipc import FwOp, FwRequest, FwStatus
 
 CHECKSUM = bytes(range(32))
 
@@ -43,9 +43,9 @@ def good(addr: str = "192.0.2.7", op: FwOp = FwOp.INSTALL) -> FwRequest:
 
 
 def test_sizes_and_layout() -> None:
-    assert fwproto.REQUEST_SIZE == 64
-    assert fwproto.REPLY_SIZE == 8
-    data = fwproto.encode_request(good())
+    assert ipc.REQUEST_SIZE == 64
+    assert ipc.REPLY_SIZE == 8
+    data = ipc.encode_request(good())
     assert data[:4] == b"FKFW" and data[4] == 1 and data[5] == 1 and data[6] == 4
     assert data[8:12] == bytes.fromhex("12345678")
     assert data[12:16] == bytes.fromhex("87654321")
@@ -55,31 +55,31 @@ def test_sizes_and_layout() -> None:
 
 @given(requests)
 def test_request_round_trip(req: FwRequest) -> None:
-    back = fwproto.decode_request(fwproto.encode_request(req))
+    back = ipc.decode_request(ipc.encode_request(req))
     assert back.op == req.op and back.user == req.user and back.resource == req.resource
     assert back.checksum == req.checksum
-    assert back.addr == fwproto.normalize_addr(req.addr)
+    assert back.addr == ipc.normalize_addr(req.addr)
 
 
 @given(st.sampled_from(FwStatus))
 def test_reply_round_trip(status: FwStatus) -> None:
-    assert fwproto.decode_reply(fwproto.encode_reply(status)) is status
+    assert ipc.decode_reply(ipc.encode_reply(status)) is status
 
 
 def test_ipv4_mapped_is_normalised() -> None:
     req = good("::ffff:198.51.100.9")
-    data = fwproto.encode_request(req)
+    data = ipc.encode_request(req)
     assert data[6] == 4
-    assert fwproto.decode_request(data).addr == ipaddress.IPv4Address("198.51.100.9")
+    assert ipc.decode_request(data).addr == ipaddress.IPv4Address("198.51.100.9")
     # Also when a sender puts the mapped form on the wire as family 6.
     raw = bytearray(data)
     raw[6] = 6
     raw[16:32] = ipaddress.IPv6Address("::ffff:198.51.100.9").packed
-    assert fwproto.decode_request(bytes(raw)).addr == ipaddress.IPv4Address("198.51.100.9")
+    assert ipc.decode_request(bytes(raw)).addr == ipaddress.IPv4Address("198.51.100.9")
 
 
 def _mutate(offset: int, value: int) -> bytes:
-    raw = bytearray(fwproto.encode_request(good()))
+    raw = bytearray(ipc.encode_request(good()))
     raw[offset] = value
     return bytes(raw)
 
@@ -88,8 +88,8 @@ def _mutate(offset: int, value: int) -> bytes:
     "data",
     [
         b"",
-        fwproto.encode_request(good())[:-1],
-        fwproto.encode_request(good()) + b"\0",
+        ipc.encode_request(good())[:-1],
+        ipc.encode_request(good()) + b"\0",
         _mutate(0, ord("X")),  # magic
         _mutate(4, 2),  # version
         _mutate(5, 0),  # op
@@ -101,22 +101,22 @@ def _mutate(offset: int, value: int) -> bytes:
 )
 def test_malformed_requests_rejected(data: bytes) -> None:
     with pytest.raises(WireError):
-        fwproto.decode_request(data)
+        ipc.decode_request(data)
 
 
 @given(st.binary(max_size=80))
 def test_decode_request_total(data: bytes) -> None:
     try:
-        req = fwproto.decode_request(data)
+        req = ipc.decode_request(data)
     except WireError:
         return
-    assert fwproto.decode_request(fwproto.encode_request(req)) == req
+    assert ipc.decode_request(ipc.encode_request(req)) == req
 
 
 @given(st.binary(max_size=12))
 def test_decode_reply_total(data: bytes) -> None:
     try:
-        fwproto.decode_reply(data)
+        ipc.decode_reply(data)
     except WireError:
         pass
 
@@ -135,7 +135,7 @@ def test_decode_reply_total(data: bytes) -> None:
 )
 def test_malformed_replies_rejected(data: bytes) -> None:
     with pytest.raises(WireError):
-        fwproto.decode_reply(data)
+        ipc.decode_reply(data)
 
 
 @pytest.mark.parametrize(
@@ -149,12 +149,12 @@ def test_malformed_replies_rejected(data: bytes) -> None:
 )
 def test_encode_rejects_bad_fields(req: FwRequest) -> None:
     with pytest.raises(WireError):
-        fwproto.encode_request(req)
+        ipc.encode_request(req)
 
 
 def test_socket_path() -> None:
-    assert fwproto.socket_path() == "/run/fastknockfwd/fastknockfwd.sock"
-    assert fwproto.socket_path("/tmp/x/") == "/tmp/x/fastknockfwd/fastknockfwd.sock"
+    assert ipc.socket_path() == "/run/fastknockfwd/fastknockfwd.sock"
+    assert ipc.socket_path("/tmp/x/") == "/tmp/x/fastknockfwd/fastknockfwd.sock"
 
 
 # --- the clients against a scripted fake daemon -------------------------------------------
@@ -182,7 +182,7 @@ class FakeDaemon:
                 return
             with conn:
                 data = b""
-                while len(data) < fwproto.REQUEST_SIZE:
+                while len(data) < ipc.REQUEST_SIZE:
                     chunk = conn.recv(128)
                     if not chunk:
                         break
@@ -213,33 +213,33 @@ def fake() -> object:
 
 
 def test_clients_get_status(fake) -> None:  # type: ignore[no-untyped-def]
-    d = fake(fwproto.encode_reply(FwStatus.LIMIT))
-    assert fwproto.request_sync(d.path, good(), 2.0) is FwStatus.LIMIT
-    assert asyncio.run(fwproto.request(d.path, good("2001:db8::1"), 2.0)) is FwStatus.LIMIT
-    assert fwproto.decode_request(d.received[0]) == good()
-    assert fwproto.decode_request(d.received[1]).addr == ipaddress.IPv6Address("2001:db8::1")
+    d = fake(ipc.encode_reply(FwStatus.LIMIT))
+    assert ipc.request_sync(d.path, good(), 2.0) is FwStatus.LIMIT
+    assert asyncio.run(ipc.request(d.path, good("2001:db8::1"), 2.0)) is FwStatus.LIMIT
+    assert ipc.decode_request(d.received[0]) == good()
+    assert ipc.decode_request(d.received[1]).addr == ipaddress.IPv6Address("2001:db8::1")
 
 
 @pytest.mark.parametrize("reply", [b"garbage!", b"", struct.pack(">4sBBH", b"FKFW", 1, 99, 0)])
 def test_clients_raise_on_garbage(fake, reply: bytes) -> None:  # type: ignore[no-untyped-def]
     d = fake(reply)
     with pytest.raises(FirewallError):
-        fwproto.request_sync(d.path, good(), 2.0)
+        ipc.request_sync(d.path, good(), 2.0)
     with pytest.raises(FirewallError):
-        asyncio.run(fwproto.request(d.path, good(), 2.0))
+        asyncio.run(ipc.request(d.path, good(), 2.0))
 
 
 def test_clients_raise_on_timeout(fake) -> None:  # type: ignore[no-untyped-def]
     d = fake(None)
     with pytest.raises(FirewallError, match="timed out"):
-        fwproto.request_sync(d.path, good(), 0.2)
+        ipc.request_sync(d.path, good(), 0.2)
     with pytest.raises(FirewallError, match="timed out"):
-        asyncio.run(fwproto.request(d.path, good(), 0.2))
+        asyncio.run(ipc.request(d.path, good(), 0.2))
 
 
 def test_clients_raise_when_unreachable(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "nothing.sock")
     with pytest.raises(FirewallError, match="unreachable"):
-        fwproto.request_sync(path, good(), 1.0)
+        ipc.request_sync(path, good(), 1.0)
     with pytest.raises(FirewallError, match="unreachable"):
-        asyncio.run(fwproto.request(path, good(), 1.0))
+        asyncio.run(ipc.request(path, good(), 1.0))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from fastknock import server
-from fastknock.config import load_config
-from fastknock.hygiene import permission_warnings
+from fastknock.conf.config import load_config
+from fastknock.conf.permissions import permission_warnings
 
 COMPAT = Path(__file__).parent / "compat"
 KEY_HEX = "80E9C81DFA4879B2C64910E1B6870DA42DFB82261B76C859F3A0F5A09DEA2A3D"

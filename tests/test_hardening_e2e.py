@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fastknock import privs
+from fastknock.osutil import privs
 from tests import netns
 from tests.e2e_support import (
     REPO,

@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 from fastknock import install
-from fastknock.config import load_config
+from fastknock.conf.config import load_config
 
 
 def mode(path: Path) -> int:

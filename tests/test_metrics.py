@@ -1,4 +1,4 @@
-"""Prometheus text output (``fastknock.metrics``): format, atomic writes, the daemons' families.
+"""Prometheus text output (``osutil.metrics``): format, atomic writes, the daemons' families.
 
 The output is read back with an independent little parser of the text exposition format
 (below), not with the writer's own code.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fastknock import metrics
-from fastknock.metrics import Family, MetricsWriter, Sample, render
+from fastknock.osutil import metrics
+from fastknock.osutil.metrics import Family, MetricsWriter, Sample, render
 
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
@@ -205,7 +205,7 @@ def test_writer_interval_must_be_positive(tmp_path: Path) -> None:
 
 
 def test_fwd_daemon_counts_requests_batches_leases_and_errors() -> None:
-    from fastknock.fwproto import FwOp
+    from fastknock.ipc import FwOp
     from tests.test_fwd import daemon, req
 
     d = daemon()

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from fastknock.config import NftablesConfig
+from fastknock.conf.config import NftablesConfig
 from fastknock.errors import FirewallError
-from fastknock.nft import (
+from fastknock.firewall.nft import (
     Change,
     Firewall,
     JumpLease,

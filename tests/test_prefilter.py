@@ -1,4 +1,4 @@
-"""The pre-filter's nftables chain (``fastknock.prefilter``): generation and placement.
+"""The pre-filter's nftables chain (``fastknock.firewall.prefilter``): generation and placement.
 
 Pure command generation first; then ``Firewall.setup`` on the real kernel in a namespace
 this module creates (skipped without root/nft/ip, failing instead when $CI is set). The
@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from fastknock import prefilter
-from fastknock.config import NftablesConfig
-from fastknock.nft import Firewall, LibNftables
+from fastknock.conf.config import NftablesConfig
+from fastknock.firewall import prefilter
+from fastknock.firewall.nft import Firewall, LibNftables
 from tests import netns
 
 CFG = NftablesConfig(chain_input="LETMEIN-INPUT")

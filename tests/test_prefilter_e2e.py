@@ -21,8 +21,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from fastknock.config import NftablesConfig
-from fastknock.nft import Firewall, LibNftables
+from fastknock.conf.config import NftablesConfig
+from fastknock.firewall.nft import Firewall, LibNftables
 from tests import netns
 
 pytestmark = pytest.mark.e2e

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fastknock import privs
+from fastknock.osutil import privs
 
 ROOT = str(Path(__file__).resolve().parents[1])
 needs_root = pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="root")
@@ -25,7 +25,7 @@ def child(code: str) -> subprocess.CompletedProcess:
 @needs_root
 def test_drop_to_nobody_leaves_no_capabilities() -> None:
     proc = child(
-        "import os; from fastknock import privs\n"
+        "import os; from fastknock.osutil import privs\n"
         "assert privs.drop_to('nobody')\n"
         "c = privs.capabilities()\n"
         "print(os.getresuid(), os.getresgid(), os.getgroups(), c['CapEff'], c['CapPrm'])\n"
@@ -45,7 +45,7 @@ def test_keep_only_net_admin(tmp_path: Path) -> None:
     victim.write_text("x")
     os.chown(victim, 1, 1)  # root with all capabilities can do this...
     proc = child(
-        "from fastknock import privs\n"
+        "from fastknock.osutil import privs\n"
         "assert privs.keep_only_net_admin()\n"
         "c = privs.capabilities()\n"
         "print(hex(c['CapEff']), hex(c['CapBnd']))\n"
@@ -64,7 +64,7 @@ def test_missing_account_says_how_to_create_it() -> None:
 
 def test_not_root_is_a_no_op() -> None:
     proc = child(
-        "import os; from fastknock import privs\n"
+        "import os; from fastknock.osutil import privs\n"
         "os.setresuid(65534, 65534, 65534) if os.geteuid() == 0 else None\n"
         "print(privs.drop_to('nobody'), privs.keep_only_net_admin())\n"
     )

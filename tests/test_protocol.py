@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from fastknock import protocol
-from fastknock.config import ErrorPolicy, JumpResource, PortResource
+from fastknock.conf.config import ErrorPolicy, JumpResource, PortResource
 from fastknock.errors import ProtocolError
 from fastknock.message import UNKNOWN_ID, Operation
 from fastknock.protocol import (

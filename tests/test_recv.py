@@ -1,8 +1,8 @@
-"""The batched UDP reader (``fastknock._recv`` and its reference ``fastknock._recv_py``).
+"""The batched UDP reader (``knockd._recv`` and its reference ``knockd._recv_py``).
 
 Every test runs on both readers (``rimpl`` fixture: "py" = ``_recv_py`` with the Python key
 ring, "c" = ``_recv`` with the C key ring) over real loopback sockets, with a recording
-handler and a plain dict as the ``peers`` mapping. The glue (``fastknock.recv``) is tested
+handler and a plain dict as the ``peers`` mapping. The glue (``fastknock.knockd.recv``) is tested
 in test_recv_control.py.
 """
 
@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import fastknock.recv
+import fastknock.knockd.recv
 from fastknock.message import MAGIC, Operation
 from fastknock.protocol import FIRST_OPS
 
@@ -43,8 +43,8 @@ FIELDS = (
 )
 
 IMPLS = {
-    "py": ("fastknock._recv_py", "fastknock._hmac_py"),
-    "c": ("fastknock._recv", "fastknock._hmac"),
+    "py": ("fastknock.knockd._recv_py", "fastknock._hmac_py"),
+    "c": ("fastknock.knockd._recv", "fastknock._hmac"),
 }
 
 
@@ -147,22 +147,22 @@ def counts(reader: object) -> dict[str, int]:
 
 @pytest.mark.skipif(NO_EXTENSIONS, reason="FASTKNOCK_NO_EXTENSIONS=1")
 def test_extension_is_compiled_and_selected() -> None:
-    module = importlib.import_module("fastknock._recv")
+    module = importlib.import_module("fastknock.knockd._recv")
     assert module.__file__ is not None and module.__file__.endswith(
         tuple(importlib.machinery.EXTENSION_SUFFIXES)
     )
-    assert fastknock.recv.IMPLEMENTATION == "c"
-    assert fastknock.recv.Reader.__module__ == "fastknock._recv"
+    assert fastknock.knockd.recv.IMPLEMENTATION == "c"
+    assert fastknock.knockd.recv.Reader.__module__ == "fastknock.knockd._recv"
 
 
 @pytest.mark.skipif(not NO_EXTENSIONS, reason="only with FASTKNOCK_NO_EXTENSIONS=1")
 def test_selector_uses_py_when_disabled() -> None:
-    assert fastknock.recv.IMPLEMENTATION == "py"
+    assert fastknock.knockd.recv.IMPLEMENTATION == "py"
 
 
 def test_counter_fields_agree(rimpl: SimpleNamespace) -> None:
     assert tuple(rimpl.COUNTERS) == FIELDS
-    assert set(fastknock.recv.COUNTER_NAMES) == set(FIELDS)
+    assert set(fastknock.knockd.recv.COUNTER_NAMES) == set(FIELDS)
 
 
 # -- decisions -----------------------------------------------------------------------------

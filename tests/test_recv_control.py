@@ -1,4 +1,4 @@
-"""The batched receive path (``fastknock.recv``) behaves like the ``DatagramProtocol`` path.
+"""The batched receive path (``fastknock.knockd.recv``) behaves like the ``DatagramProtocol`` path.
 
 * The UDP tests of test_control.py run again here, unchanged, with their ``udp_server``
   helper pointed at ``BatchedUdpControl`` (on asyncio and on uvloop, like there).
@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from fastknock.config import ErrorPolicy
-from fastknock.control import Controller, UdpControl
+from fastknock.conf.config import ErrorPolicy
+from fastknock.knockd.control import Controller, UdpControl
+from fastknock.knockd.recv import BatchedUdpControl, open_udp
 from fastknock.message import Operation
 from fastknock.protocol import ClientSession
-from fastknock.recv import BatchedUdpControl, open_udp
 from tests import test_control as tc
 from tests.test_control import KEY, RES, USER, FakeFirewall, make_controller
 from tests.test_control import knock as tc_knock

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fastknock import seccomp
+from fastknock.osutil import seccomp
 
 pytest.importorskip("pyseccomp")
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -24,7 +24,7 @@ def run_child(
     code = textwrap.dedent(
         f"""
         import os, socket, sys, threading
-        from fastknock import seccomp
+        from fastknock.osutil import seccomp
         # Like the daemons: bind first, then install the filter.
         a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.bind(("127.0.0.1", 0))
         seccomp.install({mode!r}, {profile!r})

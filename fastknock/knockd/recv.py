@@ -2,10 +2,10 @@
 
 Design
 ------
-* ``Reader`` is the Cython ``fastknock._recv.Reader`` (``recvmmsg`` in batches of 64, the
+* ``Reader`` is the Cython ``fastknock.knockd._recv.Reader`` (``recvmmsg`` in batches of 64, the
   fused ``KeyRing`` check in C with the GIL released) or, with
   ``FASTKNOCK_NO_EXTENSIONS=1`` or when it is not built, the pure-Python reference
-  ``fastknock._recv_py.Reader``. ``IMPLEMENTATION`` says which ("c" or "py").
+  ``fastknock.knockd._recv_py.Reader``. ``IMPLEMENTATION`` says which ("c" or "py").
 * ``BatchedUdpControl`` *is* a ``control.UdpControl``: the reader only decides which
   datagrams reach ``datagram_received`` and drops the rest, counted by reason, so every
   session, limit, queue, timer and reply is handled by the same code as on the
@@ -34,8 +34,8 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastknock.config import ErrorPolicy
-from fastknock.control import Controller, UdpControl
+from fastknock.conf.config import ErrorPolicy
+from fastknock.knockd.control import Controller, UdpControl
 from fastknock.protocol import FIRST_OPS
 
 __all__ = ["COUNTER_NAMES", "IMPLEMENTATION", "PATHS", "BatchedUdpControl", "Reader", "open_udp"]
@@ -43,16 +43,16 @@ __all__ = ["COUNTER_NAMES", "IMPLEMENTATION", "PATHS", "BatchedUdpControl", "Rea
 IMPLEMENTATION: str
 
 if TYPE_CHECKING:
-    from fastknock._recv_py import COUNTERS, Reader
+    from fastknock.knockd._recv_py import COUNTERS, Reader
 elif os.environ.get("FASTKNOCK_NO_EXTENSIONS") == "1":
-    from fastknock._recv_py import COUNTERS, Reader
+    from fastknock.knockd._recv_py import COUNTERS, Reader
 else:
     try:
-        from fastknock._recv import COUNTERS, Reader
+        from fastknock.knockd._recv import COUNTERS, Reader
     except ImportError:  # not built: the pure-Python reference
-        from fastknock._recv_py import COUNTERS, Reader
+        from fastknock.knockd._recv_py import COUNTERS, Reader
 
-IMPLEMENTATION = "c" if Reader.__module__ == "fastknock._recv" else "py"
+IMPLEMENTATION = "c" if Reader.__module__ == "fastknock.knockd._recv" else "py"
 
 log = logging.getLogger("fastknockd")
 

@@ -1,4 +1,4 @@
-# Stub of the C extension fastknock._recv; same API as fastknock._recv_py.
+# Stub of the C extension fastknock.knockd._recv; same API as fastknock.knockd._recv_py.
 import socket
 from collections.abc import Callable, Mapping
 

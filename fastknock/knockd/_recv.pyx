@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Batched UDP receive for fastknockd's control port (reference: ``fastknock._recv_py``).
+"""Batched UDP receive for fastknockd's control port (reference: ``fastknock.knockd._recv_py``).
 
 Design
 ------
@@ -27,7 +27,7 @@ Design
   whenever it holds more than twice their number (plus slack), so it stays bounded by the
   session caps whatever the traffic. With no live session the lookup is skipped.
 * Counters live in C and are fetched with ``take()`` (deltas since the last call), which
-  the asyncio glue (``fastknock.recv``) merges into ``Controller.counters``.
+  the asyncio glue (``fastknock.knockd.recv``) merges into ``Controller.counters``.
 """
 
 cimport cython

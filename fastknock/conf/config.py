@@ -17,7 +17,7 @@ Design
 * Ids (users, resources, default-user) are 1 to 8 hex digits, as letmein reads them
   (``u32::from_str_radix(s, 16)``); the docs always write 8.
 * Keys are secrets: they live only in ``Config.keys`` (``repr=False``) and no error message
-  quotes a key, a key-shaped string, or a whole line (see ``_configparse.show``).
+  quotes a key, a key-shaped string, or a whole line (see ``lexer.show``).
 * Role "server" needs ``[NFTABLES]`` with ``chain-input``. Role "client" parses
   ``[NFTABLES]`` if present (validated the same way) and sets ``nftables`` only when it
   names ``chain-input``. ``[CLIENT]`` is accepted in both roles.
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-from fastknock._configparse import (
+from fastknock.conf.lexer import (
     U32_MAX,
     Checker,
     Item,

@@ -1,4 +1,4 @@
-# C-level API of fastknock._recv (the batched UDP receive path). The socket structures are
+# C-level API of fastknock.knockd._recv (the batched UDP receive path). The socket structures are
 # declared here so that a benchmark or a later extension can cimport the Reader.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-from fastknock.config import NftablesConfig
+from fastknock.conf.config import NftablesConfig
 
 CHAIN = "fastknock-prefilter"
 COMMENT_PREFIX = "fastknock:prefilter-"  # rules of an older layout in chain-input: removed

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import stat
 
-from fastknock.config import Config, Role
+from fastknock.conf.config import Config, Role
 
 
 def permission_warnings(path: str | os.PathLike[str], config: Config, role: Role) -> list[str]:

@@ -1,4 +1,4 @@
-"""Pure-Python reference of ``fastknock._recv``: the same ``Reader`` API and decisions.
+"""Pure-Python reference of ``fastknock.knockd._recv``: the same ``Reader`` API and decisions.
 
 Design
 ------

@@ -63,9 +63,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fastknock import prefilter
-from fastknock.config import NftablesConfig
+from fastknock.conf.config import NftablesConfig
 from fastknock.errors import FirewallError
+from fastknock.firewall import prefilter
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -1,0 +1,9 @@
+"""The insides of fastknockd, the network-facing server (its main is ``fastknock.server``).
+
+Runs in: fastknockd only, unprivileged after start-up. May import: the shared core at the top
+of ``fastknock`` (message, wire, mac, protocol, ipc), ``fastknock.conf``,
+``fastknock.osutil``, asyncio and uvloop; never ``fastknock.firewall`` (the root daemon's
+code) nor ``fastknock.knock`` (the client). ``control`` holds the UDP and TCP transports,
+``recv`` with ``_recv`` / ``_recv_py`` the batched UDP receive path, ``workers`` the
+SO_REUSEPORT process group.
+"""
