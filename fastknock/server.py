@@ -37,11 +37,14 @@ from fastknock import __version__, ipc
 from fastknock.conf import permissions
 from fastknock.conf.config import DEFAULT_SERVER_CONFIG, Config, load_config
 from fastknock.errors import ConfigError, FastknockError
+from fastknock.knockd import counters as knockd_counters
 from fastknock.knockd import recv, workers
-from fastknock.knockd.control import Controller, Limits, UdpControl
+from fastknock.knockd.control import Controller, TcpProtocol, UdpProtocol
+from fastknock.knockd.endpoint import Endpoint
+from fastknock.knockd.limits import Limits
 from fastknock.message import Operation
 from fastknock.osutil import metrics, privs, seccomp, systemd
-from fastknock.protocol import FirewallRequest, ServerCore, ServerSettings
+from fastknock.protocol import FirewallRequest, ServerSettings
 
 # Imported at start-up, not when the loop starts: by then root is dropped and the Python
 # installation may be unreadable (e.g. below a 0700 /root).
@@ -220,27 +223,28 @@ def _bind_control(config: Config, reuseport: bool = False) -> Sockets:
 async def serve(config: Config, args: argparse.Namespace, socks: Sockets, worker: int = 0) -> None:
     """Serve on the bound (or systemd-passed) ``socks`` until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
-    core = ServerCore(ServerSettings.from_config(config), os.urandom)
+    limits = Limits(args.num_connections, args.num_ip_connections)
+    endpoint = Endpoint(ServerSettings.from_config(config), limits, os.urandom)
     link = FwdLink(ipc.socket_path(args.rundir), config.checksum)
-    controller = Controller(core, link, Limits(args.num_connections, args.num_ip_connections))
+    controller = Controller(endpoint, link)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    udp: UdpControl | None = None
+    udp: recv.BatchedUdp | UdpProtocol | None = None
     tcp: asyncio.base_events.Server | None = None
     udp_sock, tcp_sock = socks
     loop.add_signal_handler(signal.SIGHUP, _reload, args, controller, link, config)
     if udp_sock is not None:
         udp = await recv.open_udp(controller, udp_sock, args.udp_path)
     if tcp_sock is not None:
-        tcp = await asyncio.start_server(controller.handle_tcp, sock=tcp_sock, backlog=128)
+        tcp = await loop.create_server(lambda: TcpProtocol(controller), sock=tcp_sock, backlog=128)
     writer = None
     if args.metrics_file:
         info = {"version": __version__, "udp_path": args.udp_path, "reader": recv.IMPLEMENTATION}
         writer = metrics.MetricsWriter(
             metrics.worker_path(args.metrics_file, worker, args.workers),
-            lambda: metrics.server_families(controller.counters, controller.limits.total, info),
+            lambda: knockd_counters.families(controller.counters, limits.total, info),
             args.metrics_interval,
             (("worker", str(worker)),) if args.workers > 1 else (),
         )
@@ -286,7 +290,7 @@ def _reload(args: argparse.Namespace, controller: Controller, link: FwdLink, old
     else:
         if (new.port, new.port_udp, new.port_tcp) != (old.port, old.port_udp, old.port_tcp):
             log.warning("the control port changed: that takes a restart; the rest applies now")
-        controller.core = ServerCore(ServerSettings.from_config(new), os.urandom)
+        controller.reload(ServerSettings.from_config(new))
         link.checksum = new.checksum
         log.info("reloaded %s (%d users, %d resources)", new.source, len(new.keys),
                  len(new.resources))  # fmt: skip

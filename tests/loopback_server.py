@@ -1,6 +1,6 @@
-"""A small threaded knock server on loopback, built on the sans-I/O core, for client tests.
+"""A small threaded knock server on loopback, built on the sans-I/O endpoint, for client tests.
 
-Not the product server (that is ``fastknock.server``): no event loop, no limits, a fake
+Not the product server (that is ``fastknock.server``): no event loop, wide limits, a fake
 firewall that records what it was asked. Knobs for tests: ``firewall_ok`` (the firewall's
 answer), ``drop_first`` (UDP: silently drop this many first datagrams, to prove the client's
 retransmission) and ``mute`` (receive but never answer).
@@ -14,18 +14,23 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from fastknock.protocol import (
-    FirewallRequest,
-    Send,
-    ServerCore,
-    ServerSession,
-    ServerSettings,
-    normalize_peer,
+from fastknock.knockd.endpoint import (
+    Action,
+    AskFirewall,
+    Endpoint,
+    SendDatagram,
+    StreamClose,
+    StreamWrite,
 )
+from fastknock.knockd.limits import Limits
+from fastknock.knockd.peer import key_of
+from fastknock.protocol import FirewallRequest, ServerSettings
 
 
 @dataclass
 class LoopbackServer:
+    """The product's sans-I/O endpoint behind blocking sockets and threads (one lock)."""
+
     settings: ServerSettings
     udp: bool
     family: socket.AddressFamily = socket.AF_INET6
@@ -37,7 +42,9 @@ class LoopbackServer:
     port: int = 0
 
     def __post_init__(self) -> None:
-        self.core = ServerCore(self.settings, os.urandom)
+        self.endpoint = Endpoint(self.settings, Limits(1024, 1024), os.urandom)
+        self._lock = threading.Lock()
+        self._conns: dict[int, socket.socket] = {}
         kind = socket.SOCK_DGRAM if self.udp else socket.SOCK_STREAM
         self.sock = socket.socket(self.family, kind)
         if self.family == socket.AF_INET6:
@@ -59,23 +66,34 @@ class LoopbackServer:
         self._thread.join(5)
         self.sock.close()
 
-    def _act(self, session: ServerSession | None, events: list, send: object) -> None:
-        for event in events:
-            if isinstance(event, Send):
-                send(event.data)  # type: ignore[operator]
-            elif isinstance(event, FirewallRequest) and session is not None:
-                self.requests.append(event)
-                self._act(session, session.firewall_done(self.firewall_ok, time.monotonic()), send)
+    def _carry_out(self, actions: list[Action]) -> None:
+        """Called with the lock held: the firewall answers at once."""
+        while actions:
+            for action in actions:
+                if isinstance(action, SendDatagram):
+                    self.sock.sendto(action.data, action.addr)  # type: ignore[arg-type]
+                elif isinstance(action, StreamWrite):
+                    self._conns[action.conn].sendall(action.data)
+                elif isinstance(action, StreamClose):
+                    self._conns[action.conn].shutdown(socket.SHUT_RDWR)
+                elif isinstance(action, AskFirewall):
+                    self.requests.append(action.request)
+                    self.endpoint.firewall_done(action.ticket, self.firewall_ok, time.monotonic())
+            actions = self.endpoint.actions()
 
     def _serve(self) -> None:
-        sessions: dict[object, ServerSession] = {}
+        conn_ids = iter(range(1, 1 << 30))
         while not self._stop.is_set():
+            with self._lock:
+                self.endpoint.handle_timer(time.monotonic())
+                self._carry_out(self.endpoint.actions())
             try:
                 if self.udp:
                     data, addr = self.sock.recvfrom(2048)
                 else:
                     conn, addr = self.sock.accept()
-                    threading.Thread(target=self._serve_tcp, args=(conn, addr), daemon=True).start()
+                    args = (conn, addr, next(conn_ids))
+                    threading.Thread(target=self._serve_tcp, args=args, daemon=True).start()
                     continue
             except (TimeoutError, OSError):
                 continue
@@ -83,44 +101,33 @@ class LoopbackServer:
             if self.drop_first > 0:
                 self.drop_first -= 1
                 continue
-            if self.mute or len(data) != 56:
+            if self.mute:
                 continue
+            with self._lock:
+                self.endpoint.receive_datagram(data, key_of(addr), addr, time.monotonic())
+                self._carry_out(self.endpoint.actions())
 
-            def send(out: bytes, addr: object = addr) -> None:
-                self.sock.sendto(out, addr)
-
-            now = time.monotonic()
-            session = sessions.get(addr)
-            if session is None or session.closed:
-                session, events = self.core.start(data, normalize_peer(addr[0]), now)
-                if session is not None:
-                    sessions[addr] = session
-            else:
-                events = session.receive(data, now)
-            self._act(session, events, send)
-
-    def _serve_tcp(self, conn: socket.socket, addr: tuple) -> None:
+    def _serve_tcp(self, conn: socket.socket, addr: tuple, conn_id: int) -> None:
         with conn:
             conn.settimeout(self.settings.timeout)
-            session: ServerSession | None = None
+            with self._lock:
+                self._conns[conn_id] = conn
+                if not self.endpoint.tcp_connected(conn_id, key_of(addr), time.monotonic()):
+                    return
             try:
                 while not self._stop.is_set():
-                    data = b""
-                    while len(data) < 56:
-                        chunk = conn.recv(56 - len(data))
-                        if not chunk:
-                            return
-                        data += chunk
+                    data = conn.recv(4096)
+                    if not data:
+                        break
                     self.received.append(data)
                     if self.mute:
                         continue
-                    now = time.monotonic()
-                    if session is None:
-                        session, events = self.core.start(data, normalize_peer(addr[0]), now)
-                    else:
-                        events = session.receive(data, now)
-                    self._act(session, events, conn.sendall)
-                    if session is None or session.closed:
-                        return
+                    with self._lock:
+                        self.endpoint.tcp_received(conn_id, data, time.monotonic())
+                        self._carry_out(self.endpoint.actions())
             except OSError:
-                return
+                pass
+            finally:
+                with self._lock:
+                    self.endpoint.tcp_closed(conn_id)
+                    self._conns.pop(conn_id, None)

@@ -17,10 +17,14 @@ import pytest
 
 from fastknock.conf.config import ErrorPolicy, PortResource
 from fastknock.knock.client import KnockError, Target, run_session
-from fastknock.knockd.control import Controller, Limits, UdpControl, source_key
+from fastknock.knockd.control import Controller, TcpProtocol, UdpProtocol
+from fastknock.knockd.counters import Count
+from fastknock.knockd.endpoint import Endpoint
+from fastknock.knockd.limits import Limits
+from fastknock.knockd.peer import key_of_ip, source_of
 from fastknock.mac import HmacKey, KeyRing
 from fastknock.message import Operation
-from fastknock.protocol import FirewallRequest, ServerCore, ServerSettings
+from fastknock.protocol import FirewallRequest, ServerSettings
 
 USER = 0x00000001
 KEY = bytes.fromhex("80E9C81DFA4879B2C64910E1B6870DA42DFB82261B76C859F3A0F5A09DEA2A3D")
@@ -76,16 +80,21 @@ def make_controller(
         policy=policy,
         timeout=timeout,
     )
-    return Controller(ServerCore(settings, os.urandom), fw, Limits(max_sessions, per_source))
+    return Controller(Endpoint(settings, Limits(max_sessions, per_source), os.urandom), fw)
 
 
-async def udp_server(controller: Controller) -> tuple[UdpControl, int]:
+async def udp_server(controller: Controller) -> tuple[Any, int]:
     loop = asyncio.get_running_loop()
-    _, proto = await loop.create_datagram_endpoint(
-        lambda: UdpControl(controller), local_addr=("127.0.0.1", 0)
+    transport, proto = await loop.create_datagram_endpoint(
+        lambda: UdpProtocol(controller), local_addr=("127.0.0.1", 0)
     )
-    assert proto.transport is not None
-    return proto, proto.transport.get_extra_info("sockname")[1]
+    return proto, transport.get_extra_info("sockname")[1]
+
+
+async def tcp_server(controller: Controller) -> tuple[asyncio.base_events.Server, int]:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: TcpProtocol(controller), "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
 
 
 async def knock(port: int, udp: bool, op: Operation = Operation.KNOCK, timeout: float = 2.0):
@@ -103,19 +112,22 @@ async def until(cond: Callable[[], bool], limit: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_source_key_groups_ipv6_by_56() -> None:
-    a = source_key(ipaddress.ip_address("2001:db8:0:ff::1"))
-    b = source_key(ipaddress.ip_address("2001:db8:0:1::2"))
-    c = source_key(ipaddress.ip_address("2001:db8:0:100::1"))
+def _source(host: str, port: int = 1) -> bytes:
+    return source_of(key_of_ip(ipaddress.ip_address(host), port))
+
+
+def test_source_groups_ipv6_by_56_and_ipv4_per_address() -> None:
+    a = _source("2001:db8:0:ff::1")
+    b = _source("2001:db8:0:1::2", 2)
+    c = _source("2001:db8:0:100::1")
     assert a == b != c
-    assert source_key(ipaddress.ip_address("192.0.2.1")) != source_key(
-        ipaddress.ip_address("192.0.2.2")
-    )
+    assert _source("192.0.2.1") != _source("192.0.2.2")
+    assert _source("192.0.2.1", 1) == _source("192.0.2.1", 2)
 
 
 def test_limits() -> None:
     limits = Limits(max_sessions=3, max_per_source=2)
-    a, b, c = (ipaddress.ip_address(f"192.0.2.{i}") for i in (1, 2, 3))
+    a, b, c = (_source(f"192.0.2.{i}") for i in (1, 2, 3))
     assert limits.acquire(a) and limits.acquire(a)
     assert not limits.acquire(a)  # per source
     assert limits.acquire(b)
@@ -136,8 +148,8 @@ def test_udp_knock(run: Callable[[Any], Any], op: Operation) -> None:
         proto, port = await udp_server(c)
         await knock(port, udp=True, op=op)
         proto.close()
-        assert c.counters["knocked" if op is Operation.KNOCK else "revoked"] == 1
-        assert proto.peers == {} and c.limits.total == 0
+        assert c.counters[Count.KNOCKED if op is Operation.KNOCK else Count.REVOKED] == 1
+        assert c.endpoint.udp_peers == 0 and c.endpoint.limits.total == 0
 
     run(main())
     assert [(r.operation, str(r.peer)) for r in fw.requests] == [(op, "127.0.0.1")]
@@ -148,17 +160,18 @@ def test_tcp_knock_and_firewall_failure(run: Callable[[Any], Any]) -> None:
 
     async def main() -> None:
         c = make_controller(fw)
-        server = await asyncio.start_server(c.handle_tcp, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await tcp_server(c)
         await knock(port, udp=False)
         fw.ok = False
         with pytest.raises(KnockError, match="GOAWAY"):
             await knock(port, udp=False)
         server.close()
         await server.wait_closed()
-        await until(lambda: c.counters["outcome_firewall"] == 1)  # the handler may lag the client
-        assert c.counters["outcome_ok"] == 1 and c.counters["outcome_firewall"] == 1
-        assert c.limits.total == 0
+        await until(
+            lambda: c.counters[Count.OUTCOME_FIREWALL] == 1
+        )  # the handler may lag the client
+        assert c.counters[Count.OUTCOME_OK] == 1 and c.counters[Count.OUTCOME_FIREWALL] == 1
+        assert c.endpoint.limits.total == 0
 
     run(main())
 
@@ -173,10 +186,10 @@ def test_udp_session_times_out_and_frees_its_slot(run: Callable[[Any], Any]) -> 
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(knock_bytes, ("127.0.0.1", port))
             await asyncio.sleep(0.1)
-            assert len(proto.peers) == 1 and c.limits.total == 1
+            assert c.endpoint.udp_peers == 1 and c.endpoint.limits.total == 1
             await asyncio.sleep(0.6)  # no RESPONSE: the session times out
-        assert proto.peers == {} and c.limits.total == 0
-        assert c.counters["outcome_timeout"] == 1
+        assert c.endpoint.udp_peers == 0 and c.endpoint.limits.total == 0
+        assert c.counters[Count.OUTCOME_TIMEOUT] == 1
         proto.close()
 
     run(main())
@@ -197,14 +210,14 @@ def test_udp_state_stays_bounded_under_many_source_ports(run: Callable[[Any], An
             for s in socks:
                 s.sendto(knock_bytes, ("127.0.0.1", port))
             await asyncio.sleep(0.005)
-            peak = max(peak, len(proto.peers))
+            peak = max(peak, c.endpoint.udp_peers)
             for s in socks:
                 s.close()
         await asyncio.sleep(0.05)
-        peak = max(peak, len(proto.peers))
+        peak = max(peak, c.endpoint.udp_peers)
         assert peak == 8  # one source address: the per-source cap binds
-        assert c.limits.total == len(proto.peers) <= 8
-        assert c.counters["dropped_limits"] > 2500
+        assert c.endpoint.limits.total == c.endpoint.udp_peers <= 8
+        assert c.counters[Count.DROPPED_LIMITS] > 2500
         proto.close()
 
     run(main())
@@ -220,7 +233,7 @@ def test_udp_junk_creates_no_state_and_stealth_sends_nothing(run: Callable[[Any]
             for data in junk:
                 s.sendto(data, ("127.0.0.1", port))
             await asyncio.sleep(0.1)
-            assert proto.peers == {} and c.limits.total == 0
+            assert c.endpoint.udp_peers == 0 and c.endpoint.limits.total == 0
             with pytest.raises(socket.timeout):
                 s.recv(100)
         proto.close()
@@ -249,9 +262,9 @@ def test_udp_datagrams_queue_while_firewall_works(run: Callable[[Any], Any]) -> 
             for _ in range(10):  # the RESPONSE, then 9 more copies while the firewall works
                 s.send(response)
             await asyncio.sleep(0.1)
-            (state,) = proto.peers.values()
+            (state,) = c.endpoint.sessions()
             assert state.busy and len(state.queue) == 4
-            assert c.counters["dropped_queue"] == 5
+            assert c.counters[Count.DROPPED_QUEUE] == 5
             reply = await asyncio.wait_for(loop.sock_recv(s, 100), 2)
             assert client.receive(reply).done
         assert len(fw.requests) == 1

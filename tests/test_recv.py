@@ -2,7 +2,8 @@
 
 Every test runs on both readers (``rimpl`` fixture: "py" = ``_recv_py`` with the Python key
 ring, "c" = ``_recv`` with the C key ring) over real loopback sockets, with a recording
-handler and a plain dict as the ``peers`` mapping. The glue (``fastknock.knockd.recv``) is tested
+handler that plays the endpoint: it ``track()``s a peer key when it "opens a session" and
+``untrack()``s it when the test ends one. The glue (``fastknock.knockd.recv``) is tested
 in test_recv_control.py.
 """
 
@@ -21,6 +22,8 @@ from types import SimpleNamespace
 import pytest
 
 import fastknock.knockd.recv
+from fastknock.knockd.counters import READER_FIELDS
+from fastknock.knockd.peer import key_of
 from fastknock.message import MAGIC, Operation
 from fastknock.protocol import FIRST_OPS
 
@@ -59,20 +62,32 @@ def rimpl(request: pytest.FixtureRequest) -> SimpleNamespace:
 
 
 class Recorder:
-    """The handler: records (data, addr); optionally opens a 'session' for the peer."""
+    """The handler: records (data, addr) and the keys; optionally opens a 'session' for the
+    peer (tracks its key in the reader, as the endpoint does)."""
 
-    def __init__(self, peers: dict[tuple, object], open_sessions: bool = False) -> None:
+    def __init__(self, open_sessions: bool = False) -> None:
         self.got: list[tuple[bytes, tuple]] = []
-        self.peers = peers
+        self.keys: list[bytes] = []
+        self.live: set[bytes] = set()
         self.open_sessions = open_sessions
         self.fail_on: bytes | None = None
+        self.end_on: dict[bytes, bytes] = {}  # data -> key of a session to end on it
+        self.reader: object = None
 
-    def __call__(self, data: bytes, addr: tuple) -> None:
+    def __call__(self, data: bytes, key: bytes, addr: tuple) -> None:
         self.got.append((data, addr))
+        self.keys.append(key)
         if data == self.fail_on:
             raise RuntimeError("handler bug")
-        if self.open_sessions:
-            self.peers[addr[:2]] = object()
+        if data in self.end_on:
+            self.end(self.end_on[data])
+        elif self.open_sessions and key not in self.live:
+            self.live.add(key)
+            self.reader.track(key)  # type: ignore[attr-defined]
+
+    def end(self, key: bytes) -> None:
+        self.live.discard(key)
+        self.reader.untrack(key)  # type: ignore[attr-defined]
 
 
 def knock(user: int = USER, key: bytes = KEY, op: Operation = Operation.KNOCK) -> bytes:
@@ -119,12 +134,12 @@ def dest(server: socket.socket) -> tuple[str, int]:
 
 def make(
     rimpl: SimpleNamespace, server: socket.socket, **kw: object
-) -> tuple[object, Recorder, dict[tuple, object]]:
-    peers: dict[tuple, object] = {}
-    rec = Recorder(peers, open_sessions=bool(kw.pop("open_sessions", False)))
+) -> tuple[object, Recorder, set[bytes]]:
+    rec = Recorder(open_sessions=bool(kw.pop("open_sessions", False)))
     kw.setdefault("allowed_ops", FIRST_OPS)
-    reader = rimpl.Reader(server, rimpl.mac.KeyRing({USER: KEY}), rec, peers, **kw)
-    return reader, rec, peers
+    reader = rimpl.Reader(server, rimpl.mac.KeyRing({USER: KEY}), rec, **kw)
+    rec.reader = reader
+    return reader, rec, rec.live
 
 
 def drain_until(reader: object, server: socket.socket, n: int, limit: float = 5.0) -> int:
@@ -162,7 +177,7 @@ def test_selector_uses_py_when_disabled() -> None:
 
 def test_counter_fields_agree(rimpl: SimpleNamespace) -> None:
     assert tuple(rimpl.COUNTERS) == FIELDS
-    assert set(fastknock.knockd.recv.COUNTER_NAMES) == set(FIELDS)
+    assert set(READER_FIELDS) == set(FIELDS)
 
 
 # -- decisions -----------------------------------------------------------------------------
@@ -219,6 +234,9 @@ def test_valid_first_messages_are_handed_up_with_the_socket_address(
     else:
         expected = ("127.0.0.1", port)
     assert [a for _, a in rec.got] == [expected, expected]
+    # The binary key: the IPv4-mapped address and the port, as knockd.peer builds it.
+    assert rec.keys == [key_of(expected)] * 2
+    assert rec.keys[0] == bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1]) + port.to_bytes(2, "big")
     got = counts(reader)
     assert got["handed_up"] == 2 and got["dropped"] == 0 and got["batches"] >= 1
 
@@ -243,22 +261,17 @@ def test_live_peer_gets_everything_of_56_bytes(
     got = counts(reader)
     assert got["live_hits"] == 2 and got["handed_up"] == 3
     assert got["size"] == 1 and got["operation"] == 1 and got["dropped"] == 2
-    if rimpl.name == "c":
-        assert reader.tracked == 1  # type: ignore[attr-defined]
+    assert reader.tracked == 1  # type: ignore[attr-defined]
 
 
 def test_ended_session_is_forgotten(rimpl: SimpleNamespace, server: socket.socket) -> None:
-    """When ``peers`` loses the key, the peer's junk is dropped again (after at most one
-    extra hand-up, which Python treats as a new peer)."""
+    """Once the endpoint untracks the key, the peer's junk is dropped again at once."""
     reader, rec, peers = make(rimpl, server, open_sessions=True)
     with client() as c:
         c.sendto(knock(), dest(server))
         assert drain_until(reader, server, 1) == 1
         rec.open_sessions = False
-        peers.clear()
-        c.sendto(raw(op=Operation.RESPONSE), dest(server))
-        assert drain_until(reader, server, 1) == 1
-        assert len(rec.got) <= 2  # the knock, and at most one stale hand-up
+        rec.end(next(iter(peers)))
         assert reader.tracked == 0  # type: ignore[attr-defined]
         before = len(rec.got)
         for _ in range(3):
@@ -284,6 +297,29 @@ def test_datagrams_after_a_session_start_in_the_same_batch_follow_it(
     assert [d for d, _ in rec.got] == [first, raw(magic=7)]
     got = counts(reader)
     assert got["live_hits"] == 1 and got["magic"] == 1
+
+
+def test_a_session_start_is_followed_even_when_another_ends_in_the_same_batch(
+    rimpl: SimpleNamespace, server: socket.socket
+) -> None:
+    """Peer B has a session; one batch holds B's last datagram (its session ends on it),
+    then A's KNOCK (A's session starts), then A's RESPONSE-shaped follow-up. The follow-up
+    belongs to A's new session and must be handed up, although the number of live
+    sessions did not grow in that batch (the old C reader compared counts and lost it)."""
+    reader, rec, peers = make(rimpl, server, open_sessions=True)
+    first_b, last_b, knock_a, follow_a = knock(), raw(op=Operation.RESPONSE), knock(), raw(op=5)
+    with client() as a, client() as b:
+        b.sendto(first_b, dest(server))
+        assert drain_until(reader, server, 1) == 1
+        (key_b,) = peers
+        rec.end_on[last_b] = key_b
+        b.sendto(last_b, dest(server))
+        a.sendto(knock_a, dest(server))
+        a.sendto(follow_a, dest(server))
+        time.sleep(0.05)
+        assert drain_until(reader, server, 3) == 3
+    assert [d for d, _ in rec.got] == [first_b, last_b, knock_a, follow_a]
+    assert reader.tracked == 1  # type: ignore[attr-defined]
 
 
 def test_pass_rejects_hands_up_every_56_byte_datagram(
@@ -349,20 +385,23 @@ def test_empty_socket_drains_nothing(rimpl: SimpleNamespace, server: socket.sock
 def test_bad_arguments(rimpl: SimpleNamespace, server: socket.socket) -> None:
     ring = rimpl.mac.KeyRing({USER: KEY})
     with pytest.raises(ValueError):
-        rimpl.Reader(server, ring, print, {}, budget=0)
+        rimpl.Reader(server, ring, print, budget=0)
     with pytest.raises(TypeError):
-        rimpl.Reader(server, None, print, {})
+        rimpl.Reader(server, None, print)
     closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     closed.close()
     with pytest.raises((ValueError, OSError)):
-        rimpl.Reader(closed, ring, print, {})
+        rimpl.Reader(closed, ring, print)
+    reader = rimpl.Reader(server, ring, print)
+    with pytest.raises(ValueError):
+        reader.track(b"short")
 
 
 def test_live_set_stays_bounded_by_the_sessions(
     rimpl: SimpleNamespace, server: socket.socket
 ) -> None:
-    """Sessions from 600 source ports start and end; the C set tracks only live ones
-    (within its pruning slack), and a live peer is never lost while others churn."""
+    """Sessions from 600 source ports start and end; the set tracks exactly the live ones,
+    and a live peer is never lost while others churn."""
     reader, rec, peers = make(rimpl, server, open_sessions=True)
     with client() as keeper:
         keeper.sendto(knock(), dest(server))
@@ -374,11 +413,9 @@ def test_live_set_stays_bounded_by_the_sessions(
                 s.sendto(knock(), dest(server))
             assert drain_until(reader, server, 30) == 30
             for s in socks:
-                peers.pop(("::ffff:127.0.0.1" if server.family == socket.AF_INET6 else "127.0.0.1",
-                           s.getsockname()[1]))  # fmt: skip
+                rec.end(key_of(("127.0.0.1", s.getsockname()[1])))
                 s.close()
-            if rimpl.name == "c":
-                assert reader.tracked <= 2 * len(peers) + 32 + 30  # type: ignore[attr-defined]
+            assert reader.tracked == len(peers) == 1  # type: ignore[attr-defined]
         assert list(peers) == [keep_key]
         before = len(rec.got)
         keeper.sendto(raw(op=Operation.RESPONSE), dest(server))

@@ -1,7 +1,7 @@
 """The batched receive path (``fastknock.knockd.recv``) behaves like the ``DatagramProtocol`` path.
 
 * The UDP tests of test_control.py run again here, unchanged, with their ``udp_server``
-  helper pointed at ``BatchedUdpControl`` (on asyncio and on uvloop, like there).
+  helper pointed at ``BatchedUdp`` (on asyncio and on uvloop, like there).
 * Both paths get the same traffic mix and must end with the same counters, the same
   replies on the wire and no state left; the stealth policy must send nothing back.
 """
@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from fastknock.conf.config import ErrorPolicy
-from fastknock.knockd.control import Controller, UdpControl
-from fastknock.knockd.recv import BatchedUdpControl, open_udp
+from fastknock.knockd.control import Controller
+from fastknock.knockd.counters import Count
+from fastknock.knockd.recv import BatchedUdp, open_udp
 from fastknock.message import Operation
 from fastknock.protocol import ClientSession
 from tests import test_control as tc
@@ -28,13 +29,13 @@ from tests.test_control import knock as tc_knock
 run = tc.run  # the fixture: every test on asyncio and on uvloop
 
 
-async def batched_udp_server(controller: Controller) -> tuple[UdpControl, int]:
+async def batched_udp_server(controller: Controller) -> tuple[BatchedUdp, int]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     proto = await open_udp(controller, sock, "batched")
-    assert isinstance(proto, BatchedUdpControl)
-    assert proto.transport is not None
-    return proto, proto.transport.get_extra_info("sockname")[1]
+    assert isinstance(proto, BatchedUdp)
+    return proto, port
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +75,7 @@ def _traffic() -> list[bytes]:
 
 async def _replay_traffic(
     path: str, policy: ErrorPolicy
-) -> tuple[dict[str, int], list[bytes], dict[str, object]]:
+) -> tuple[dict[Count, int], list[bytes], dict[str, object]]:
     fw = FakeFirewall()
     c = make_controller(fw, policy=policy)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -87,7 +88,7 @@ async def _replay_traffic(
         s.setblocking(False)
         for data in _traffic():
             s.sendto(data, ("127.0.0.1", port))
-        await tc.until(lambda: c.counters["received"] >= 40)
+        await tc.until(lambda: c.counters[Count.RECEIVED] >= 40)
         # and one real knock from another port, which must work on both paths
         await tc_knock(port, udp=True)
         await asyncio.sleep(0.05)
@@ -96,10 +97,10 @@ async def _replay_traffic(
                 replies.append(s.recv(100))
             except BlockingIOError:
                 break
-    state = {"peers": dict(proto.peers), "limits": c.limits.total}
+    state = {"peers": c.endpoint.udp_peers, "limits": c.endpoint.limits.total}
     proto.close()
     await loop.shutdown_default_executor()
-    keep = {k: v for k, v in c.counters.items() if not k.startswith("udp_")}
+    keep = {k: v for k, v in c.counters.items() if not k.key.startswith("udp_")}
     return keep, [r[4:8] for r in replies], state
 
 
@@ -111,11 +112,11 @@ def test_both_paths_count_and_answer_the_same(
     batched = run(_replay_traffic("batched", policy))
     assert batched == protocol
     counters, replies, state = batched
-    assert counters["received"] == 40 + 2 and counters["knocked"] == 1
-    assert counters["outcome_size"] == 15 and counters["outcome_mac"] == 5
-    assert counters["outcome_unknown-user"] == 5 and counters["outcome_operation"] == 5
-    assert counters["outcome_magic"] == 10
-    assert state == {"peers": {}, "limits": 0}
+    assert counters[Count.RECEIVED] == 40 + 2 and counters[Count.KNOCKED] == 1
+    assert counters[Count.OUTCOME_SIZE] == 15 and counters[Count.OUTCOME_MAC] == 5
+    assert counters[Count.OUTCOME_UNKNOWN_USER] == 5 and counters[Count.OUTCOME_OPERATION] == 5
+    assert counters[Count.OUTCOME_MAGIC] == 10
+    assert state == {"peers": 0, "limits": 0}
     if policy is ErrorPolicy.ALWAYS:  # a GOAWAY for each 56-byte reject
         assert replies == [(Operation.GOAWAY).to_bytes(4, "big")] * 25
     else:
@@ -129,14 +130,14 @@ def test_batched_counters_show_the_reader_at_work(run: Callable[[Any], Any]) -> 
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             for _ in range(100):
                 s.sendto(os.urandom(56), ("127.0.0.1", port))
-            await tc.until(lambda: c.counters["received"] >= 100)
+            await tc.until(lambda: c.counters[Count.RECEIVED] >= 100)
         await tc_knock(port, udp=True)
-        assert c.counters["received"] == 102 and c.counters["knocked"] == 1
-        assert c.counters["udp_batches"] >= 1
+        assert c.counters[Count.RECEIVED] == 102 and c.counters[Count.KNOCKED] == 1
+        assert c.counters[Count.UDP_BATCHES] >= 1
         # only the knock's two datagrams became Python objects
-        assert c.counters["udp_handed_up"] == 2 and c.counters["udp_live_hits"] == 1
+        assert c.counters[Count.UDP_HANDED_UP] == 2 and c.counters[Count.UDP_LIVE_HITS] == 1
         proto.close()
-        assert proto.transport is not None and proto.transport.is_closing()
+        assert proto.reader.tracked == 0
         await asyncio.get_running_loop().shutdown_default_executor()
 
     run(main())
@@ -152,40 +153,39 @@ def test_open_udp_rejects_unknown_path(run: Callable[[Any], Any]) -> None:
 
 
 def test_a_swapped_core_reconfigures_the_reader(run: Callable[[Any], Any]) -> None:
-    """A config reload swaps ``controller.core``: the reader follows (new key ring, and
+    """A config reload (``Controller.reload``): the reader follows (new key ring, and
     policy ``always`` now wants rejections handed up for their GOAWAY)."""
     from fastknock.mac import KeyRing
-    from fastknock.protocol import ServerCore, ServerSettings
+    from fastknock.protocol import ServerSettings
 
     async def main() -> None:
         c = make_controller(FakeFirewall(), policy=ErrorPolicy.BASIC_AUTH)
         proto, port = await batched_udp_server(c)
-        assert isinstance(proto, BatchedUdpControl)
+        assert isinstance(proto, BatchedUdp)
         loop = asyncio.get_running_loop()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.setblocking(False)
             s.sendto(os.urandom(56), ("127.0.0.1", port))
-            await tc.until(lambda: c.counters["received"] == 1)
+            await tc.until(lambda: c.counters[Count.RECEIVED] == 1)
             await asyncio.sleep(0.1)
             with pytest.raises(BlockingIOError):
                 s.recv(100)  # stealth
-            old = c.core.settings
-            c.core = ServerCore(
+            old = c.endpoint.settings
+            c.reload(
                 ServerSettings(
                     keyring=KeyRing({USER: KEY}),
                     resources=old.resources,
                     control_port=old.control_port,
                     policy=ErrorPolicy.ALWAYS,
                     timeout=old.timeout,
-                ),
-                os.urandom,
+                )
             )
             s.sendto(os.urandom(56), ("127.0.0.1", port))
             reply = await asyncio.wait_for(loop.sock_recv(s, 100), 2)  # now a GOAWAY
             assert int.from_bytes(reply[4:8], "big") == Operation.GOAWAY
-        assert proto.reader.keyring is c.core.settings.keyring
+        assert proto.reader.keyring is c.endpoint.settings.keyring
         await tc_knock(port, udp=True)
-        assert c.counters["knocked"] == 1
+        assert c.counters[Count.KNOCKED] == 1
         proto.close()
         await loop.shutdown_default_executor()
 

@@ -39,12 +39,12 @@ cdef enum:
     RECV_SLOT = 64  # bytes per datagram buffer: > 56, so msg_len == 56 means exactly 56
     RECV_NREASONS = 6  # REASON_OK .. REASON_MAC
 
-# One live session's peer: the IPv6 (or IPv4-mapped) address and the port, network order.
+# One live session's peer: the IPv6 (or IPv4-mapped) address and the port, network order;
+# the first 18 bytes are the peer key of ``fastknock.knockd.peer``.
 ctypedef struct peer_key:
     uint8_t addr[16]
     uint16_t port
     uint8_t state  # SLOT_EMPTY, SLOT_USED, SLOT_DEAD
-    uint8_t v4  # from an AF_INET socket: its peers key shows the address as a.b.c.d
 
 
 cdef class Reader:
@@ -52,8 +52,7 @@ cdef class Reader:
     cdef KeyRing ring
     cdef unsigned int allowed_ops
     cdef bint pass_rejects
-    cdef object handler  # handler(data: bytes, addr: tuple) -> None
-    cdef object peers  # mapping (host, port) -> session, owned by the protocol
+    cdef object handler  # handler(data: bytes, key: bytes, addr: tuple) -> None
     cdef int budget  # recvmmsg calls per drain()
 
     cdef mmsghdr msgs[RECV_BATCH]
@@ -62,12 +61,13 @@ cdef class Reader:
     cdef unsigned char bufs[RECV_BATCH][RECV_SLOT]
     cdef uint8_t verdict[RECV_BATCH]  # 0: hand up; else the REASON_* that drops it
 
-    # Open-addressing hash set of the peers that have a live session (a cache of `peers`
-    # keys, re-synced at every hand-up; see the module docstring).
+    # Open-addressing hash set of the peers that have a live session: exactly the keys the
+    # endpoint announced with track() and not yet with untrack().
     cdef peer_key *table
     cdef Py_ssize_t cap  # power of two
     cdef Py_ssize_t used  # live entries
     cdef Py_ssize_t dead  # tombstones
+    cdef uint64_t tracks  # track() calls so far: a batch re-checks its rest after one
 
     # Counters since the last take(): datagrams dropped in C, per reason; handed up;
     # of those, handed up because the peer has a live session; recvmmsg batches; errors.
@@ -85,4 +85,3 @@ cdef class Reader:
     cdef int _insert(self, const peer_key *k) except -1
     cdef void _remove(self, const peer_key *k) noexcept nogil
     cdef int _rehash(self, Py_ssize_t cap) except -1
-    cdef int _prune(self) except -1

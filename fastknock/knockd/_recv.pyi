@@ -1,6 +1,6 @@
 # Stub of the C extension fastknock.knockd._recv; same API as fastknock.knockd._recv_py.
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 __all__ = ["COUNTERS", "Reader"]
 
@@ -11,8 +11,7 @@ class Reader:
         self,
         sock: socket.socket,
         keyring: object,
-        handler: Callable[[bytes, tuple], None],
-        peers: Mapping[tuple, object],
+        handler: Callable[[bytes, bytes, tuple], None],
         *,
         pass_rejects: bool = ...,
         allowed_ops: int = ...,
@@ -23,5 +22,7 @@ class Reader:
     def keyring(self) -> object: ...
     @property
     def tracked(self) -> int: ...
+    def track(self, key: bytes) -> None: ...
+    def untrack(self, key: bytes) -> None: ...
     def drain(self) -> int: ...
     def take(self) -> tuple[int, ...]: ...

@@ -17,17 +17,17 @@ Design
      ``pass_rejects`` (policy ``always`` sends GOAWAYs, or debug logging wants one line
      per reject): then the rejection is handed up too and Python answers it.
   A datagram that would be dropped is still handed up if an earlier datagram of the
-  same batch started a session for its peer (the order of the one-by-one path).
-  Only handed-up datagrams become Python objects: ``handler(bytes, addr)`` with ``addr``
-  shaped like the socket module's (``(host, port)`` or ``(host, port, flow, scope)``).
-* "Live session" is a C hash set of raw (address, port) keys mirroring the keys of the
-  protocol's ``peers`` dict (``(host, port)``, i.e. ``addr[:2]``). It is re-synced after
-  every hand-up (the only way a session can start), and a stale entry only costs extra
-  hand-ups, which Python treats exactly as before; the set is pruned against ``peers``
-  whenever it holds more than twice their number (plus slack), so it stays bounded by the
-  session caps whatever the traffic. With no live session the lookup is skipped.
+  same batch started a session for its peer (the order of the one-by-one path): after
+  any ``track()`` during a batch, the rest of the batch re-checks the live set.
+  Only handed-up datagrams become Python objects: ``handler(bytes, key, addr)`` with the
+  18-byte peer key of ``fastknock.knockd.peer`` and ``addr`` shaped like the socket
+  module's (``(host, port)`` or ``(host, port, flow, scope)``), to reply to.
+* "Live session" is a C hash set of raw peer keys, kept by the endpoint: ``track(key)``
+  when a UDP session starts, ``untrack(key)`` when it ends (synchronously, from inside the
+  handler). So it holds exactly the live sessions, bounded by the session caps whatever
+  the traffic. With no live session the lookup is skipped.
 * Counters live in C and are fetched with ``take()`` (deltas since the last call), which
-  the asyncio glue (``fastknock.knockd.recv``) merges into ``Controller.counters``.
+  the asyncio glue (``fastknock.knockd.recv``) merges into the endpoint's counters.
 """
 
 cimport cython
@@ -82,7 +82,7 @@ cdef enum:
     SLOT_DEAD = 2
     MIN_CAP = 64
     HOST_MAX = 64  # > INET6_ADDRSTRLEN (46)
-    PRUNE_SLACK = 32
+    KEY_SIZE = 18  # fastknock.knockd.peer.KEY_SIZE: 16 address bytes, 2 port bytes
 
 
 cdef inline void _key_of(const sockaddr_storage *sa, peer_key *k) noexcept nogil:
@@ -96,7 +96,6 @@ cdef inline void _key_of(const sockaddr_storage *sa, peer_key *k) noexcept nogil
         k.port = s6.sin6_port
     else:
         s4 = <const sockaddr_in *>sa
-        k.v4 = 1
         k.addr[10] = 0xFF
         k.addr[11] = 0xFF
         memcpy(k.addr + 12, &s4.sin_addr.s_addr, 4)
@@ -104,8 +103,8 @@ cdef inline void _key_of(const sockaddr_storage *sa, peer_key *k) noexcept nogil
 
 
 cdef inline size_t _hash(const peer_key *k) noexcept nogil:
-    # FNV-1a over the 18 key bytes. Only peers that passed basic auth are ever inserted,
-    # and the table never holds more than a few times the session cap: no hash flooding.
+    # FNV-1a over the 18 key bytes. Only peers with a live session are ever inserted, and
+    # the table never holds more than the session cap: no hash flooding.
     cdef uint64_t h = 1469598103934665603ULL
     cdef int i
     for i in range(16):
@@ -124,7 +123,7 @@ cdef inline bint _same(const peer_key *a, const peer_key *b) noexcept nogil:
 cdef class Reader:
     """Drains a non-blocking UDP socket in batches; see the module docstring."""
 
-    def __cinit__(self, sock, KeyRing keyring not None, handler, peers, *,
+    def __cinit__(self, sock, KeyRing keyring not None, handler, *,
                   bint pass_rejects=False, unsigned int allowed_ops=0x21, int budget=16):
         cdef int i
         self.fd = sock.fileno()
@@ -134,7 +133,6 @@ cdef class Reader:
             raise ValueError("budget must be at least 1")
         self.ring = keyring
         self.handler = handler
-        self.peers = peers
         self.pass_rejects = pass_rejects
         self.allowed_ops = allowed_ops
         self.budget = budget
@@ -168,6 +166,19 @@ cdef class Reader:
         """Entries in the live-peer set (for tests: bounded by the session caps)."""
         return self.used
 
+    def track(self, bytes key not None):
+        """The endpoint started a UDP session for the peer ``key`` (18 bytes)."""
+        cdef peer_key k
+        _key_from_bytes(key, &k)
+        self._insert(&k)
+        self.tracks += 1
+
+    def untrack(self, bytes key not None):
+        """The endpoint ended the UDP session of the peer ``key``."""
+        cdef peer_key k
+        _key_from_bytes(key, &k)
+        self._remove(&k)
+
     # -- the live-peer set --
 
     cdef bint live(self, const sockaddr_storage *sa) noexcept nogil:
@@ -197,7 +208,6 @@ cdef class Reader:
         if self._find(k) >= 0:
             return 0
         if (self.used + self.dead + 1) * 2 > self.cap:
-            self._prune()
             if (self.used + 1) * 2 > self.cap:
                 self._rehash(self.cap * 2)
             elif (self.used + self.dead + 1) * 2 > self.cap:
@@ -244,17 +254,6 @@ cdef class Reader:
         PyMem_Free(old)
         return 0
 
-    cdef int _prune(self) except -1:
-        """Forget peers whose session ended (their key is no longer in ``peers``)."""
-        cdef Py_ssize_t j
-        for j in range(self.cap):
-            if self.table[j].state == SLOT_USED:
-                if _host_port(&self.table[j]) not in self.peers:
-                    self.table[j].state = SLOT_DEAD
-                    self.used -= 1
-                    self.dead += 1
-        return 0
-
     # -- the hot path --
 
     cdef void classify(self, int n) noexcept nogil:
@@ -277,22 +276,16 @@ cdef class Reader:
 
     cdef int hand_up(self, int i) except -1:
         cdef peer_key k
-        cdef object addr, key
-        addr, key = _py_addr(&self.names[i])
+        _key_of(&self.names[i], &k)
+        key = PyBytes_FromStringAndSize(<const char *>&k, KEY_SIZE)
+        addr = _py_addr(&self.names[i])
         data = PyBytes_FromStringAndSize(<const char *>self.bufs[i], WIRE_MSG_SIZE)
         self.handed += 1
         try:
-            self.handler(data, addr)
+            self.handler(data, key, addr)
         except Exception:
             self.errors += 1
             log.exception("UDP datagram handler failed")
-        _key_of(&self.names[i], &k)
-        if key in self.peers:
-            self._insert(&k)
-        elif self.used:
-            self._remove(&k)
-        if self.used * 2 > len(self.peers) * 4 + PRUNE_SLACK:
-            self._prune()
         return 0
 
     def drain(self):
@@ -302,7 +295,7 @@ cdef class Reader:
         cdef Py_ssize_t total = 0
         cdef int fd = self.fd
         cdef int reason
-        cdef Py_ssize_t tracked
+        cdef uint64_t tracks
         for call in range(self.budget):
             for i in range(RECV_BATCH):
                 self.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
@@ -320,10 +313,10 @@ cdef class Reader:
                 break
             self.batches += 1
             total += n
-            tracked = self.used
+            tracks = self.tracks
             for i in range(n):
                 reason = self.verdict[i]
-                if reason > REASON_SIZE and self.used > tracked and self.live(&self.names[i]):
+                if reason > REASON_SIZE and self.tracks != tracks and self.live(&self.names[i]):
                     # A session of this peer started earlier in this batch: what comes
                     # after its first datagram is the session's, as on the one-by-one path.
                     reason = REASON_OK
@@ -352,8 +345,15 @@ cdef class Reader:
         return f"Reader(fd={self.fd}, tracked={self.used})"
 
 
+cdef inline void _key_from_bytes(bytes key, peer_key *k) except *:
+    if len(key) != KEY_SIZE:
+        raise ValueError(f"a peer key is {KEY_SIZE} bytes, not {len(key)}")
+    memset(k, 0, sizeof(peer_key))
+    memcpy(k, <const char *>key, KEY_SIZE)
+
+
 cdef tuple _py_addr(const sockaddr_storage *sa):
-    """(addr, key): addr as the socket module shapes it, key = addr[:2]."""
+    """The address as the socket module shapes it."""
     cdef char host[HOST_MAX]
     cdef const sockaddr_in6 *s6
     cdef const sockaddr_in *s4
@@ -363,21 +363,7 @@ cdef tuple _py_addr(const sockaddr_storage *sa):
         inet_ntop(AF_INET6, &s6.sin6_addr, host, HOST_MAX)
         h = host.decode("ascii")
         port = ntohs(s6.sin6_port)
-        return (h, port, ntohl(s6.sin6_flowinfo), s6.sin6_scope_id), (h, port)
+        return (h, port, ntohl(s6.sin6_flowinfo), s6.sin6_scope_id)
     s4 = <const sockaddr_in *>sa
     inet_ntop(AF_INET, &s4.sin_addr, host, HOST_MAX)
-    h = host.decode("ascii")
-    port = ntohs(s4.sin_port)
-    key = (h, port)
-    return key, key
-
-
-cdef tuple _host_port(const peer_key *k):
-    """The ``peers`` key of a raw key (mapped IPv4 as the dual-stack socket reports it,
-    '::ffff:a.b.c.d'; an IPv4-only socket reports 'a.b.c.d')."""
-    cdef char host[HOST_MAX]
-    if k.v4:
-        inet_ntop(AF_INET, k.addr + 12, host, HOST_MAX)
-    else:
-        inet_ntop(AF_INET6, k.addr, host, HOST_MAX)
-    return (host.decode("ascii"), ntohs(k.port))
+    return (host.decode("ascii"), ntohs(s4.sin_port))

@@ -3,12 +3,14 @@
 Design
 ------
 * Written separately from the Cython version (not a translation of it): ``recvfrom`` in a
-  loop instead of ``recvmmsg``, the ``peers`` mapping itself instead of a C hash set, and
-  the key ring's Python-level ``check`` instead of the C entry. It is what runs with
+  loop instead of ``recvmmsg``, a Python set of peer keys (built from the address tuple by
+  ``peer.key_of``, where the C reader copies them out of the ``sockaddr``) instead of a C
+  hash set, and the key ring's Python-level ``check`` instead of the C entry. It is what runs with
   ``FASTKNOCK_NO_EXTENSIONS=1`` and the oracle the differential tests compare against.
-* Decisions, per datagram, in this order: not 56 bytes -> drop ("size"); the peer
-  ``addr[:2]`` has a live session -> hand up; ``keyring.check`` passes -> hand up; else
-  hand up anyway if ``pass_rejects``, or drop counted by reason.
+* Decisions, per datagram, in this order: not 56 bytes -> drop ("size"); the peer key was
+  ``track()``ed (a live session) and not ``untrack()``ed since -> hand up;
+  ``keyring.check`` passes -> hand up; else hand up anyway if ``pass_rejects``, or drop
+  counted by reason.
 * ``drain`` reads at most ``budget * 64`` datagrams per call, like the C reader's
   ``budget`` recvmmsg batches, so a flood cannot starve the event loop.
 """
@@ -17,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
+from fastknock.knockd.peer import KEY_SIZE, key_of
 from fastknock.message import MSG_SIZE, Reason
 
 __all__ = ["COUNTERS", "Reader"]
@@ -55,8 +58,7 @@ class Reader:
         self,
         sock: socket.socket,
         keyring: object,
-        handler: Callable[[bytes, tuple], None],
-        peers: Mapping[tuple, object],
+        handler: Callable[[bytes, bytes, tuple], None],
         *,
         pass_rejects: bool = False,
         allowed_ops: int = 0x21,
@@ -71,7 +73,7 @@ class Reader:
         self._sock = sock
         self._ring = keyring
         self._handler = handler
-        self._peers = peers
+        self._live: set[bytes] = set()
         self._pass_rejects = pass_rejects
         self._allowed_ops = allowed_ops
         self._budget = budget
@@ -89,11 +91,19 @@ class Reader:
 
     @property
     def tracked(self) -> int:
-        return 0  # no set of its own: it asks ``peers`` directly
+        return len(self._live)
+
+    def track(self, key: bytes) -> None:
+        if len(key) != KEY_SIZE:
+            raise ValueError(f"a peer key is {KEY_SIZE} bytes, not {len(key)}")
+        self._live.add(key)
+
+    def untrack(self, key: bytes) -> None:
+        self._live.discard(key)
 
     def drain(self) -> int:
         counts = self._counts
-        peers = self._peers
+        live = self._live
         check = self._ring.check  # type: ignore[attr-defined]
         total = 0
         for _ in range(self._budget):
@@ -111,7 +121,8 @@ class Reader:
                     counts["dropped"] += 1
                     counts["size"] += 1
                     continue
-                if addr[:2] in peers:
+                key = key_of(addr)
+                if key in live:
                     counts["live_hits"] += 1
                 elif not self._pass_rejects:
                     reason, _msg = check(data, self._allowed_ops)
@@ -121,7 +132,7 @@ class Reader:
                         continue
                 counts["handed_up"] += 1
                 try:
-                    self._handler(data, addr)
+                    self._handler(data, key, addr)
                 except Exception:
                     counts["errors"] += 1
                     log.exception("UDP datagram handler failed")

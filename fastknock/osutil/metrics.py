@@ -9,10 +9,10 @@ Design
 * ``render`` produces the text exposition format 0.0.4: ``# HELP`` and ``# TYPE`` per
   family, then ``name{label="value"} number`` lines. Label values are escaped
   (backslash, double quote, newline); names are checked against the format's grammar.
-* ``server_families`` / ``fwd_families`` map the daemons' ``Counter``s onto stable metric
-  families. Every known series is written from the start (zero until something happens),
-  so rates work without gaps; an unmapped counter key still shows up, under
-  ``fastknockd_other_total{counter="..."}``, rather than vanishing.
+* The daemons' counters map onto stable metric families: fastknockd's in
+  ``knockd/counters.py`` (an enum: every counter has its family, nothing unmapped),
+  fastknockfwd's in ``fwd_families`` here. Every known series is written from the start
+  (zero until something happens), so rates work without gaps.
 * ``MetricsWriter`` is the periodic asyncio task; a failing write is logged (once per
   distinct error) and retried at the next interval, never fatal.
 * With ``fastknockd --workers N`` each worker writes its own file (``worker_path``) with a
@@ -37,7 +37,6 @@ __all__ = [
     "Sample",
     "fwd_families",
     "render",
-    "server_families",
     "worker_path",
     "write_atomic",
 ]
@@ -132,100 +131,6 @@ def worker_path(path: str, worker: int, workers: int) -> str:
         return path
     stem, ext = os.path.splitext(path)
     return f"{stem}.worker{worker}{ext or '.prom'}"
-
-
-# -- fastknockd --------------------------------------------------------------------------------
-
-# Reject reasons: Controller.counters key -> label value.
-_REJECTS = {
-    "outcome_size": "size",
-    "outcome_magic": "magic",
-    "outcome_operation": "operation",
-    "outcome_unknown-user": "unknown-user",
-    "outcome_mac": "mac",
-    "outcome_unknown-resource": "unknown-resource",
-    "outcome_user-not-allowed": "user-not-allowed",
-    "outcome_bad-port": "bad-port",
-    "outcome_sequence": "sequence",
-    "outcome_response-mac": "response-mac",
-    "outcome_firewall": "firewall",
-    "outcome_timeout": "timeout",
-    "dropped_limits": "limits",
-    "dropped_queue": "queue",
-}
-# Plain counters: key -> (metric name, help).
-_SERVER_COUNTERS = {
-    "received": ("fastknockd_received_total", "Control messages received (UDP datagrams "
-                 "and TCP messages), including rejected ones."),
-    "sessions": ("fastknockd_sessions_total", "UDP control sessions started (first "
-                 "message passed basic auth)."),
-    "tcp_connections": ("fastknockd_tcp_connections_total", "TCP control connections."),
-    "knocked": ("fastknockd_knocks_total", "Successful knocks (lease installed)."),
-    "revoked": ("fastknockd_revokes_total", "Successful revokes (lease removed)."),
-    "firewall_errors": ("fastknockd_firewall_errors_total", "Firewall requests that failed "
-                        "or were refused by fastknockfwd."),
-    "outcome_ok": ("fastknockd_sessions_ok_total", "Sessions that ended with COMEIN."),
-    "udp_errors": ("fastknockd_udp_errors_total", "Errors reported by the UDP socket."),
-    "udp_send_dropped": ("fastknockd_udp_send_dropped_total", "Replies dropped on a full "
-                         "socket send buffer."),
-    "udp_batches": ("fastknockd_udp_batches_total", "recvmmsg batches read by the batched "
-                    "receive path."),
-    "udp_handed_up": ("fastknockd_udp_handed_up_total", "Datagrams the batched receive path "
-                      "passed on to the session logic."),
-    "udp_live_hits": ("fastknockd_udp_live_session_datagrams_total", "Datagrams of peers "
-                      "with a live session (batched receive path)."),
-    "udp_reader_errors": ("fastknockd_udp_reader_errors_total", "Receive errors and handler "
-                          "failures in the batched receive path."),
-    "tcp_aborted": ("fastknockd_tcp_aborted_total", "TCP control connections that broke "
-                    "off."),
-}  # fmt: skip
-
-
-def server_families(
-    counters: Mapping[str, int], active_sessions: int, info: Mapping[str, str] | None = None
-) -> list[Family]:
-    """fastknockd's metric families from ``Controller.counters``."""
-    fams = [
-        Family(
-            "fastknockd_rejected_total",
-            "counter",
-            "Control messages rejected or dropped, by reason.",
-            [
-                Sample(counters.get(key, 0), (("reason", label),))
-                for key, label in _REJECTS.items()
-            ],  # fmt: skip
-        )
-    ]
-    for key, (name, text) in _SERVER_COUNTERS.items():
-        fams.append(Family(name, "counter", text, [Sample(counters.get(key, 0))]))
-    fams.append(
-        Family(
-            "fastknockd_sessions_active",
-            "gauge",
-            "Control sessions in progress.",
-            [Sample(active_sessions)],
-        )
-    )
-    other = sorted(k for k in counters if k not in _REJECTS and k not in _SERVER_COUNTERS)
-    if other:
-        fams.append(
-            Family(
-                "fastknockd_other_total",
-                "counter",
-                "Other fastknockd counters, by internal name.",
-                [Sample(counters[k], (("counter", k),)) for k in other],
-            )
-        )
-    if info:
-        fams.append(
-            Family(
-                "fastknockd_info",
-                "gauge",
-                "Build and runtime information.",
-                [Sample(1, tuple(sorted(info.items())))],
-            )
-        )
-    return fams
 
 
 # -- fastknockfwd ------------------------------------------------------------------------------
