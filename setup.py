@@ -6,6 +6,8 @@ import os
 from setuptools import Extension, setup
 
 ext_modules = []
+# The switch fastknock._ext reads at run time, read here directly: setup.py runs before the
+# package is built and cannot import it.
 if os.environ.get("FASTKNOCK_NO_EXTENSIONS") != "1":
     from Cython.Build import cythonize
 

@@ -15,17 +15,16 @@ The session summary (bench/conftest.py) prints baseline_mean / mean for each.
 from __future__ import annotations
 
 import hmac
-import os
 import struct
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from fastknock import _hmac_py
+from fastknock import _ext, _hmac_py
 from fastknock.message import MAGIC, ZERO_CHALLENGE, Operation, Reason
 
-NO_EXTENSIONS = os.environ.get("FASTKNOCK_NO_EXTENSIONS") == "1"
+NO_EXTENSIONS = _ext.disabled()
 needs_c = pytest.mark.skipif(NO_EXTENSIONS, reason="FASTKNOCK_NO_EXTENSIONS=1")
 
 KEY = bytes.fromhex("9e" * 32)

@@ -13,8 +13,9 @@ Design
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
+
+from fastknock import _ext
 
 __all__ = ["DEFAULT_ALLOWED_OPS", "IMPLEMENTATION", "HmacKey", "KeyRing"]
 
@@ -22,12 +23,6 @@ IMPLEMENTATION: str
 
 if TYPE_CHECKING:
     from fastknock._hmac_py import DEFAULT_ALLOWED_OPS, HmacKey, KeyRing
-elif os.environ.get("FASTKNOCK_NO_EXTENSIONS") == "1":
-    from fastknock._hmac_py import DEFAULT_ALLOWED_OPS, HmacKey, KeyRing
 else:
-    try:
-        from fastknock._hmac import DEFAULT_ALLOWED_OPS, HmacKey, KeyRing
-    except ImportError:  # not built: the pure-Python reference
-        from fastknock._hmac_py import DEFAULT_ALLOWED_OPS, HmacKey, KeyRing
-
-IMPLEMENTATION = "c" if HmacKey.__module__ == "fastknock._hmac" else "py"
+    _impl, IMPLEMENTATION = _ext.select("fastknock._hmac", "fastknock._hmac_py")
+    DEFAULT_ALLOWED_OPS, HmacKey, KeyRing = _impl.DEFAULT_ALLOWED_OPS, _impl.HmacKey, _impl.KeyRing

@@ -2,31 +2,25 @@
 
 Design
 ------
-* Chosen once at import: ``FASTKNOCK_NO_EXTENSIONS=1`` in the environment, or an
-  ``ImportError`` (extension not built), selects ``fastknock._wire_py``. ``IMPLEMENTATION``
-  says which one is in use ("c" or "py"); ``tests/test_extensions.py`` fails if a build
-  that should have the extension silently fell back.
+* Chosen once at import by ``fastknock._ext``: ``FASTKNOCK_NO_EXTENSIONS=1`` in the
+  environment, or an ``ImportError`` (extension not built), selects ``fastknock._wire_py``.
+  ``IMPLEMENTATION`` says which one is in use ("c" or "py"); ``tests/test_extensions.py``
+  fails if a build that should have the extension silently fell back.
 * Both have the same API and raise the same exception types (``fastknock.errors``).
 """
 
 from __future__ import annotations
 
-import os
+from typing import TYPE_CHECKING
+
+from fastknock import _ext
 
 __all__ = ["IMPLEMENTATION", "pack", "parse", "serialize"]
 
 IMPLEMENTATION: str
 
-if os.environ.get("FASTKNOCK_NO_EXTENSIONS") == "1":
+if TYPE_CHECKING:
     from fastknock._wire_py import pack, parse, serialize
-
-    IMPLEMENTATION = "py"
 else:
-    try:
-        from fastknock._wire import pack, parse, serialize
-    except ImportError:  # not built: the pure-Python reference
-        from fastknock._wire_py import pack, parse, serialize
-
-        IMPLEMENTATION = "py"
-    else:
-        IMPLEMENTATION = "c"
+    _impl, IMPLEMENTATION = _ext.select("fastknock._wire", "fastknock._wire_py")
+    pack, parse, serialize = _impl.pack, _impl.parse, _impl.serialize

@@ -10,12 +10,13 @@ Session-scoped so hypothesis tests can use it (it holds no state).
 from __future__ import annotations
 
 import importlib
-import os
 from types import SimpleNamespace
 
 import pytest
 
-NO_EXTENSIONS = os.environ.get("FASTKNOCK_NO_EXTENSIONS") == "1"
+from fastknock import _ext
+
+NO_EXTENSIONS = _ext.disabled()
 
 IMPLEMENTATIONS = {
     "py": ("fastknock._wire_py", "fastknock._hmac_py"),

@@ -18,8 +18,9 @@ import pytest
 
 import fastknock.mac
 import fastknock.wire
+from fastknock import _ext
 
-NO_EXTENSIONS = os.environ.get("FASTKNOCK_NO_EXTENSIONS") == "1"
+NO_EXTENSIONS = _ext.disabled()
 
 
 @pytest.mark.skipif(NO_EXTENSIONS, reason="FASTKNOCK_NO_EXTENSIONS=1")

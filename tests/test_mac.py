@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import pickle
 import struct
 from types import SimpleNamespace
@@ -22,6 +21,7 @@ from Crypto.Hash import SHA3_256 as CryptoSHA3_256
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fastknock import _ext
 from fastknock.errors import WireError
 from fastknock.message import MAGIC, ZERO_CHALLENGE, Message, Operation, Reason
 
@@ -225,7 +225,7 @@ def test_not_picklable(impl: SimpleNamespace) -> None:
 
 
 def test_c_key_state_not_reachable() -> None:
-    if os.environ.get("FASTKNOCK_NO_EXTENSIONS") == "1":
+    if _ext.disabled():
         pytest.skip("FASTKNOCK_NO_EXTENSIONS=1: no C extension")
     from fastknock import _hmac
 

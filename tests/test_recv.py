@@ -22,12 +22,13 @@ from types import SimpleNamespace
 import pytest
 
 import fastknock.knockd.recv
+from fastknock import _ext
 from fastknock.knockd.counters import READER_FIELDS
 from fastknock.knockd.peer import key_of
 from fastknock.message import MAGIC, Operation
 from fastknock.protocol import FIRST_OPS
 
-NO_EXTENSIONS = os.environ.get("FASTKNOCK_NO_EXTENSIONS") == "1"
+NO_EXTENSIONS = _ext.disabled()
 USER = 0x00000001
 OTHER_USER = 0x00000002
 KEY = bytes.fromhex("80E9C81DFA4879B2C64910E1B6870DA42DFB82261B76C859F3A0F5A09DEA2A3D")

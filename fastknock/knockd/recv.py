@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
+from fastknock import _ext
 from fastknock.conf.config import ErrorPolicy
 from fastknock.knockd.control import Controller, UdpProtocol
 from fastknock.knockd.counters import READER_FIELDS, Count
@@ -49,15 +49,9 @@ IMPLEMENTATION: str
 
 if TYPE_CHECKING:
     from fastknock.knockd._recv_py import COUNTERS, Reader
-elif os.environ.get("FASTKNOCK_NO_EXTENSIONS") == "1":
-    from fastknock.knockd._recv_py import COUNTERS, Reader
 else:
-    try:
-        from fastknock.knockd._recv import COUNTERS, Reader
-    except ImportError:  # not built: the pure-Python reference
-        from fastknock.knockd._recv_py import COUNTERS, Reader
-
-IMPLEMENTATION = "c" if Reader.__module__ == "fastknock.knockd._recv" else "py"
+    _impl, IMPLEMENTATION = _ext.select("fastknock.knockd._recv", "fastknock.knockd._recv_py")
+    COUNTERS, Reader = _impl.COUNTERS, _impl.Reader
 
 log = logging.getLogger("fastknockd")
 
