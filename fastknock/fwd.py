@@ -159,7 +159,7 @@ class Daemon:
         assert nft is not None
         if not hmac.compare_digest(req.checksum, cfg.checksum):
             return FwStatus.BAD_CHECKSUM
-        addr = ipc.normalize_addr(req.addr)
+        addr = req.addr  # ipc.decode_request normalised it
         if addr in _BAD_ADDRS or not self.fw.supports(addr):
             return FwStatus.BAD_ADDRESS
         res = cfg.resources.get(req.resource)
@@ -204,7 +204,7 @@ class Daemon:
         log.log(
             logging.INFO if status == FwStatus.ACK else logging.WARNING,
             "%s user=%08X resource=%08X addr=%s: %s",
-            what, req.user, req.resource, ipc.normalize_addr(req.addr), status.name,
+            what, req.user, req.resource, req.addr, status.name,
         )  # fmt: skip
         return status
 

@@ -37,9 +37,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from fastknock.addr import IPAddress, normalize
 from fastknock.errors import FirewallError, WireError
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MAGIC = b"FKFW"
 VERSION = 1
@@ -83,13 +82,6 @@ class FwRequest:
     checksum: bytes
 
 
-def normalize_addr(addr: IPAddress) -> IPAddress:
-    """Return the IPv4 address for an IPv4-mapped IPv6 address, else ``addr`` itself."""
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
 def socket_path(rundir: str = "/run") -> str:
     return f"{rundir.rstrip('/') or ''}/{SOCKET_DIR}/{SOCKET_NAME}"
 
@@ -108,13 +100,13 @@ def encode_request(req: FwRequest) -> bytes:
         raise WireError("user/resource id out of range")
     if not isinstance(req.checksum, bytes) or len(req.checksum) != CHECKSUM_SIZE:
         raise WireError(f"config checksum must be {CHECKSUM_SIZE} bytes")
-    addr = normalize_addr(req.addr)
+    if not isinstance(req.addr, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        raise WireError(f"not an IP address: {req.addr!r}")
+    addr = normalize(req.addr)
     if isinstance(addr, ipaddress.IPv4Address):
         family, packed = 4, addr.packed + bytes(12)
-    elif isinstance(addr, ipaddress.IPv6Address):
-        family, packed = 6, addr.packed
     else:
-        raise WireError(f"not an IP address: {req.addr!r}")
+        family, packed = 6, addr.packed
     return _REQ.pack(MAGIC, VERSION, op, family, 0, req.user, req.resource, packed, req.checksum)
 
 
@@ -137,7 +129,7 @@ def decode_request(data: bytes) -> FwRequest:
             raise WireError("IPv4 address padding is not zero")
         addr = ipaddress.IPv4Address(packed[:4])
     elif family == 6:
-        addr = normalize_addr(ipaddress.IPv6Address(packed))
+        addr = normalize(ipaddress.IPv6Address(packed))
     else:
         raise WireError(f"bad address family {family}")
     return FwRequest(FwOp(op), user, resource, addr, checksum)

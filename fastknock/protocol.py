@@ -36,12 +36,11 @@ allocates a session. Peer input never raises: it ends in a ``SessionClosed`` wit
 from __future__ import annotations
 
 import enum
-import functools
-import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from fastknock import wire
+from fastknock.addr import IPAddress
 from fastknock.conf.config import Config, ErrorPolicy, PortResource, Resource
 from fastknock.errors import ProtocolError, WireError
 from fastknock.mac import HmacKey, KeyRing
@@ -55,7 +54,6 @@ from fastknock.message import (
     Reason,
 )
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Rand = Callable[[int], bytes]
 
 FIRST_OPS = (1 << Operation.KNOCK) | (1 << Operation.REVOKE)
@@ -136,15 +134,6 @@ class SessionClosed:
 
 
 Event = Send | FirewallRequest | SessionClosed
-
-
-@functools.lru_cache(maxsize=4096)  # bounded; a flood from many ports of few hosts hits it
-def normalize_peer(host: str | IPAddress) -> IPAddress:
-    """Parse a socket peer address; IPv4-mapped IPv6 (``::ffff:a.b.c.d``) is an IPv4 client."""
-    addr = ipaddress.ip_address(host.split("%", 1)[0] if isinstance(host, str) else host)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
 
 
 def _pack(op: Operation, user: int, resource: int, salt: bytes, auth: bytes) -> bytes:
@@ -461,5 +450,4 @@ __all__ = [
     "ServerSession",
     "ServerSettings",
     "ServerState",
-    "normalize_peer",
 ]

@@ -13,6 +13,7 @@ from types import MappingProxyType
 
 import pytest
 
+from fastknock import ipc
 from fastknock.conf.config import Config, JumpResource, NftablesConfig, PortResource
 from fastknock.firewall.nft import Change, Firewall, LiveLease, PortLease
 from fastknock.fwd import Daemon, Peer
@@ -73,7 +74,8 @@ class FakeFirewall(Firewall):
 
 def req(res: int, addr: str = "192.0.2.1", op: FwOp = FwOp.INSTALL, **kw: object) -> FwRequest:
     fields: dict[str, object] = {"user": USER, "checksum": SUM, **kw}
-    return FwRequest(op, fields["user"], res, ipaddress.ip_address(addr), fields["checksum"])  # type: ignore[arg-type]
+    sent = FwRequest(op, fields["user"], res, ipaddress.ip_address(addr), fields["checksum"])  # type: ignore[arg-type]
+    return ipc.decode_request(ipc.encode_request(sent))  # what the daemon gets: normalised
 
 
 def daemon(cfg: Config | None = None, now: list[float] | None = None) -> Daemon:

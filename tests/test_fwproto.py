@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastknock import ipc
+from fastknock import addr, ipc
 from fastknock.errors import FirewallError, WireError
 from fastknock.ipc import FwOp, FwRequest, FwStatus
 
@@ -58,7 +58,7 @@ def test_request_round_trip(req: FwRequest) -> None:
     back = ipc.decode_request(ipc.encode_request(req))
     assert back.op == req.op and back.user == req.user and back.resource == req.resource
     assert back.checksum == req.checksum
-    assert back.addr == ipc.normalize_addr(req.addr)
+    assert back.addr == addr.normalize(req.addr)
 
 
 @given(st.sampled_from(FwStatus))

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fastknock import protocol
+from fastknock import addr, protocol
 from fastknock.conf.config import ErrorPolicy, JumpResource, PortResource
 from fastknock.errors import ProtocolError
 from fastknock.message import UNKNOWN_ID, Operation
@@ -367,5 +367,5 @@ def test_reprs_hold_no_secrets(proto: SimpleNamespace) -> None:
         ("fe80::1%eth0", "fe80::1"),
     ],
 )
-def test_normalize_peer(raw: str, expected: str) -> None:
-    assert protocol.normalize_peer(raw) == ipaddress.ip_address(expected)
+def test_normalize(raw: str, expected: str) -> None:
+    assert addr.normalize(raw) == ipaddress.ip_address(expected)

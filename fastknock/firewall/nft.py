@@ -63,11 +63,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from fastknock.addr import IPAddress
 from fastknock.conf.config import NftablesConfig
 from fastknock.errors import FirewallError
 from fastknock.firewall import prefilter
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 SET_PREFIX = "fastknock_"
 COMMENT_PREFIX = "fastknock:"

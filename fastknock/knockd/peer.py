@@ -18,7 +18,7 @@ import functools
 import ipaddress
 import socket
 
-from fastknock.protocol import IPAddress
+from fastknock.addr import IPAddress
 
 KEY_SIZE = 18
 _MAPPED = bytes(10) + b"\xff\xff"
