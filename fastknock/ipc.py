@@ -1,4 +1,4 @@
-"""IPC between fastknockd (unprivileged) and fastknockfwd (root): codec and tiny clients.
+"""IPC between fastknockd (unprivileged) and fastknockfwd (root): the codec and the paths.
 
 Design
 ------
@@ -25,20 +25,19 @@ agree on what a user/resource id means. IPv4-mapped IPv6 addresses (``::ffff:a.b
 are IPv4 clients: ``encode_request`` and ``decode_request`` both normalise them, so the
 firewall only ever sees plain IPv4 for them.
 
-This module is stdlib-only and imported by the root daemon: keep it small.
+This module is stdlib-only and imported by the root daemon: keep it small. The client is
+``fastknock.knockd.fwdlink`` (fastknockd only); the tests have a blocking one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import ipaddress
-import socket
 import struct
 from dataclasses import dataclass
 
 from fastknock.addr import IPAddress, normalize
-from fastknock.errors import FirewallError, WireError
+from fastknock.errors import WireError
 
 MAGIC = b"FKFW"
 VERSION = 1
@@ -149,63 +148,3 @@ def decode_reply(data: bytes) -> FwStatus:
         return FwStatus(status)
     except ValueError:
         raise WireError(f"unknown reply status {status}") from None
-
-
-async def _request(path: str, data: bytes) -> bytes:
-    reader, writer = await asyncio.open_unix_connection(path)
-    try:
-        writer.write(data)
-        try:
-            await writer.drain()
-        except ConnectionError:
-            pass  # the daemon may have answered and closed before reading: read the answer
-        return await reader.readexactly(REPLY_SIZE)
-    finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except OSError:
-            pass
-
-
-async def request(path: str, req: FwRequest, timeout: float) -> FwStatus:
-    """Send one request to fastknockfwd; raise FirewallError if it cannot be answered."""
-    data = encode_request(req)
-    try:
-        reply = await asyncio.wait_for(_request(path, data), timeout)
-    except asyncio.TimeoutError:
-        raise FirewallError(f"firewall daemon at {path} timed out") from None
-    except (OSError, asyncio.IncompleteReadError) as exc:
-        raise FirewallError(f"firewall daemon at {path} unreachable: {exc}") from exc
-    try:
-        return decode_reply(reply)
-    except WireError as exc:
-        raise FirewallError(f"firewall daemon at {path} sent garbage: {exc}") from exc
-
-
-def request_sync(path: str, req: FwRequest, timeout: float) -> FwStatus:
-    """Blocking twin of ``request``."""
-    data = encode_request(req)
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            try:
-                sock.sendall(data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the daemon may have answered and closed before reading
-
-            reply = b""
-            while len(reply) < REPLY_SIZE:
-                chunk = sock.recv(REPLY_SIZE - len(reply))
-                if not chunk:
-                    break
-                reply += chunk
-    except TimeoutError:
-        raise FirewallError(f"firewall daemon at {path} timed out") from None
-    except OSError as exc:
-        raise FirewallError(f"firewall daemon at {path} unreachable: {exc}") from exc
-    try:
-        return decode_reply(reply)
-    except WireError as exc:
-        raise FirewallError(f"firewall daemon at {path} sent garbage: {exc}") from exc

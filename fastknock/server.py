@@ -38,7 +38,7 @@ from fastknock.conf import permissions
 from fastknock.conf.config import DEFAULT_SERVER_CONFIG, Config, load_config
 from fastknock.errors import ConfigError, FastknockError
 from fastknock.knockd import counters as knockd_counters
-from fastknock.knockd import recv, workers
+from fastknock.knockd import fwdlink, recv, workers
 from fastknock.knockd.control import Controller, TcpProtocol, UdpProtocol
 from fastknock.knockd.endpoint import Endpoint
 from fastknock.knockd.limits import Limits
@@ -190,7 +190,7 @@ class FwdLink:
         op = ipc.FwOp.INSTALL if request.operation is Operation.KNOCK else ipc.FwOp.REVOKE
         req = ipc.FwRequest(op, request.user, request.resource, request.peer, self.checksum)
         try:
-            status = await ipc.request(self.path, req, timeout)
+            status = await fwdlink.request(self.path, req, timeout)
         except FastknockError as exc:
             log.warning("firewall: %s", exc)
             return False

@@ -30,7 +30,8 @@ import pytest
 from fastknock import ipc
 from fastknock.conf.config import config_checksum
 from fastknock.ipc import FwOp, FwStatus
-from tests import netns
+from fastknock.knockd import fwdlink
+from tests import fwd_client, netns
 
 pytestmark = pytest.mark.e2e
 
@@ -126,7 +127,7 @@ class Fwd:
         self, op: FwOp, res: int, addr: str, user: int = USER, checksum: bytes | None = None
     ) -> FwStatus:
         req = ipc.FwRequest(op, user, res, ipaddress.ip_address(addr), checksum or self.checksum)
-        return ipc.request_sync(self.path, req, 10.0)
+        return fwd_client.request_sync(self.path, req, 10.0)
 
     def install(self, res: int, addr: str, **kw: object) -> FwStatus:
         return self.ask(FwOp.INSTALL, res, addr, **kw)  # type: ignore[arg-type]
@@ -362,7 +363,7 @@ def test_thousand_concurrent_installs_are_batched(env: Env) -> None:
     async def knock_all() -> list[FwStatus]:
         async def one(addr: str) -> FwStatus:
             req = ipc.FwRequest(FwOp.INSTALL, USER, 0x45, ipaddress.ip_address(addr), fwd.checksum)
-            return await ipc.request(fwd.path, req, 60.0)
+            return await fwdlink.request(fwd.path, req, 60.0)
 
         return await asyncio.gather(*(one(a) for a in addrs))
 

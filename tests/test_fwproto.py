@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 from fastknock import addr, ipc
 from fastknock.errors import FirewallError, WireError
 from fastknock.ipc import FwOp, FwRequest, FwStatus
+from fastknock.knockd import fwdlink
+from tests import fwd_client
 
 CHECKSUM = bytes(range(32))
 
@@ -214,8 +216,8 @@ def fake() -> object:
 
 def test_clients_get_status(fake) -> None:  # type: ignore[no-untyped-def]
     d = fake(ipc.encode_reply(FwStatus.LIMIT))
-    assert ipc.request_sync(d.path, good(), 2.0) is FwStatus.LIMIT
-    assert asyncio.run(ipc.request(d.path, good("2001:db8::1"), 2.0)) is FwStatus.LIMIT
+    assert fwd_client.request_sync(d.path, good(), 2.0) is FwStatus.LIMIT
+    assert asyncio.run(fwdlink.request(d.path, good("2001:db8::1"), 2.0)) is FwStatus.LIMIT
     assert ipc.decode_request(d.received[0]) == good()
     assert ipc.decode_request(d.received[1]).addr == ipaddress.IPv6Address("2001:db8::1")
 
@@ -224,22 +226,22 @@ def test_clients_get_status(fake) -> None:  # type: ignore[no-untyped-def]
 def test_clients_raise_on_garbage(fake, reply: bytes) -> None:  # type: ignore[no-untyped-def]
     d = fake(reply)
     with pytest.raises(FirewallError):
-        ipc.request_sync(d.path, good(), 2.0)
+        fwd_client.request_sync(d.path, good(), 2.0)
     with pytest.raises(FirewallError):
-        asyncio.run(ipc.request(d.path, good(), 2.0))
+        asyncio.run(fwdlink.request(d.path, good(), 2.0))
 
 
 def test_clients_raise_on_timeout(fake) -> None:  # type: ignore[no-untyped-def]
     d = fake(None)
     with pytest.raises(FirewallError, match="timed out"):
-        ipc.request_sync(d.path, good(), 0.2)
+        fwd_client.request_sync(d.path, good(), 0.2)
     with pytest.raises(FirewallError, match="timed out"):
-        asyncio.run(ipc.request(d.path, good(), 0.2))
+        asyncio.run(fwdlink.request(d.path, good(), 0.2))
 
 
 def test_clients_raise_when_unreachable(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "nothing.sock")
     with pytest.raises(FirewallError, match="unreachable"):
-        ipc.request_sync(path, good(), 1.0)
+        fwd_client.request_sync(path, good(), 1.0)
     with pytest.raises(FirewallError, match="unreachable"):
-        asyncio.run(ipc.request(path, good(), 1.0))
+        asyncio.run(fwdlink.request(path, good(), 1.0))

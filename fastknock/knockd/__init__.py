@@ -4,6 +4,6 @@ Runs in: fastknockd only, unprivileged after start-up. May import: the shared co
 of ``fastknock`` (message, wire, mac, protocol, ipc), ``fastknock.conf``,
 ``fastknock.osutil``, asyncio and uvloop; never ``fastknock.firewall`` (the root daemon's
 code) nor ``fastknock.knock`` (the client). ``control`` holds the UDP and TCP transports,
-``recv`` with ``_recv`` / ``_recv_py`` the batched UDP receive path, ``workers`` the
-SO_REUSEPORT process group.
+``recv`` with ``_recv`` / ``_recv_py`` the batched UDP receive path, ``fwdlink`` the client
+of fastknockfwd, ``workers`` the SO_REUSEPORT process group.
 """

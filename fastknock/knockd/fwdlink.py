@@ -1,0 +1,53 @@
+"""fastknockd's side of the link to fastknockfwd: one asyncio request per lease change.
+
+Design
+------
+The codec, the socket path and the status codes are ``fastknock.ipc`` (shared with the root
+daemon, which must not carry a client). Here: connect to the Unix socket, write the 64-byte
+request, read the 8-byte reply, close. Every failure to get an answer (timeout, refused or
+missing socket, a short or garbled reply) is a ``FirewallError`` with the path in its
+message; a NACK is a normal answer (an ``FwStatus`` other than ACK). The daemon may answer
+and close before it reads the request (a refused peer): a failed drain is not an error, the
+reply is still read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastknock.errors import FirewallError, WireError
+from fastknock.ipc import REPLY_SIZE, FwRequest, FwStatus, decode_reply, encode_request
+
+__all__ = ["request"]
+
+
+async def _exchange(path: str, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        writer.write(data)
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass  # the daemon may have answered and closed before reading: read the answer
+        return await reader.readexactly(REPLY_SIZE)
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+
+
+async def request(path: str, req: FwRequest, timeout: float) -> FwStatus:
+    """Send one request to fastknockfwd; raise FirewallError if it cannot be answered."""
+    data = encode_request(req)
+    try:
+        reply = await asyncio.wait_for(_exchange(path, data), timeout)
+    except asyncio.TimeoutError:
+        raise FirewallError(f"firewall daemon at {path} timed out") from None
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        raise FirewallError(f"firewall daemon at {path} unreachable: {exc}") from exc
+    try:
+        return decode_reply(reply)
+    except WireError as exc:
+        raise FirewallError(f"firewall daemon at {path} sent garbage: {exc}") from exc
