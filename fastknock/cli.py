@@ -17,16 +17,14 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from fastknock.errors import KnockError, KnockFailed, UsageError
+
 if TYPE_CHECKING:
     from fastknock.conf.config import Config
     from fastknock.knock.client import Target
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A problem with the command line or the config: exit 2 with this message."""
 
 
 def _hex_id(text: str) -> int:
@@ -191,16 +189,10 @@ def _targets(args: argparse.Namespace, config: Config) -> tuple[list[Target], bo
     return targets, len(families) == 2
 
 
-class KnockFailed(Exception):
-    def __init__(self, lines: list[str]) -> None:
-        super().__init__("; ".join(lines))
-        self.lines = lines
-
-
 def knock(args: argparse.Namespace, config: Config) -> None:
     import threading
 
-    from fastknock.knock.client import KnockError, run_session
+    from fastknock.knock.client import run_session
     from fastknock.mac import HmacKey
     from fastknock.message import Operation
 

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from fastknock.conf.config import ErrorPolicy, PortResource
-from fastknock.knock.client import KnockError, Target, run_session
+from fastknock.errors import KnockError
+from fastknock.knock.client import Target, run_session
 from fastknock.knockd.control import Controller, TcpProtocol, UdpProtocol
 from fastknock.knockd.counters import Count
 from fastknock.knockd.endpoint import Endpoint

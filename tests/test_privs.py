@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fastknock.errors import PrivilegeError
 from fastknock.osutil import privs
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -58,7 +59,7 @@ def test_keep_only_net_admin(tmp_path: Path) -> None:
 
 
 def test_missing_account_says_how_to_create_it() -> None:
-    with pytest.raises(privs.PrivilegeError, match="useradd --system"):
+    with pytest.raises(PrivilegeError, match="useradd --system"):
         privs.lookup("fastknock-no-such-user")
 
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fastknock.errors import FastknockError
+from fastknock.errors import KnockError
 from fastknock.mac import HmacKey
 from fastknock.message import MSG_SIZE, Operation
 from fastknock.protocol import ClientSession
@@ -27,10 +27,6 @@ from fastknock.protocol import ClientSession
 RETRANSMITS = 4
 
 Log = Callable[[str], None]
-
-
-class KnockError(FastknockError):
-    """A knock failed: timeout, refusal, GOAWAY or a bad reply. ``str()`` is the one-liner."""
 
 
 @dataclass(frozen=True, slots=True)

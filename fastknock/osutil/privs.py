@@ -20,17 +20,13 @@ import grp
 import os
 import pwd
 
-from fastknock.errors import FastknockError
+from fastknock.errors import PrivilegeError
 
 DEFAULT_USER = "fastknock"
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
 CAP_NET_ADMIN = 12
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
-
-class PrivilegeError(FastknockError):
-    """The account to drop to is missing, or the kernel refused a step."""
 
 
 def _libc() -> ctypes.CDLL:

@@ -24,6 +24,8 @@ import errno
 import logging
 from typing import Literal
 
+from fastknock.errors import SeccompError
+
 log = logging.getLogger("fastknock.seccomp")
 
 # Imported now, not in install(): install() runs after the privilege drop, when the Python
@@ -215,7 +217,7 @@ def forbid_io_uring() -> None:
     """
     sc = _sc
     if sc is None:
-        raise RuntimeError(f"seccomp needs pyseccomp and libseccomp: {_IMPORT_ERROR}")
+        raise SeccompError(f"seccomp needs pyseccomp and libseccomp: {_IMPORT_ERROR}")
     flt = sc.SyscallFilter(sc.ALLOW)
     for name in ("io_uring_setup", "io_uring_enter", "io_uring_register"):
         if sc.resolve_syscall(sc.Arch.NATIVE, name) >= 0:
@@ -227,7 +229,7 @@ def install(mode: str, profile: Profile) -> None:
     """Install the filter for ``profile`` in this process (and its future threads).
 
     ``mode``: "off" (nothing), "log" (log forbidden syscalls) or "kill" (kill the process).
-    Raises RuntimeError when seccomp is requested but libseccomp/pyseccomp is unavailable.
+    Raises SeccompError when seccomp is requested but libseccomp/pyseccomp is unavailable.
     """
     if mode == "off":
         return
@@ -235,7 +237,7 @@ def install(mode: str, profile: Profile) -> None:
         raise ValueError(f"seccomp mode must be off, log or kill, not {mode!r}")
     sc = _sc
     if sc is None:
-        raise RuntimeError(f"seccomp = {mode} needs pyseccomp and libseccomp: {_IMPORT_ERROR}")
+        raise SeccompError(f"seccomp = {mode} needs pyseccomp and libseccomp: {_IMPORT_ERROR}")
 
     default = sc.KILL_PROCESS if mode == "kill" else sc.LOG
     flt = sc.SyscallFilter(default)
