@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 from fastknock import wire
 from fastknock.addr import IPAddress
-from fastknock.conf.config import Config, ErrorPolicy, PortResource, Resource
+from fastknock.conf.config import Config, ErrorPolicy, Resource
+from fastknock.conf.model import Refusal, admit
 from fastknock.errors import ProtocolError, WireError
 from fastknock.mac import HmacKey, KeyRing
 from fastknock.message import (
@@ -218,14 +219,9 @@ class ServerCore:
         ]
 
     def _check_resource(self, msg: Message) -> Outcome | None:
-        resource = self.settings.resources.get(msg.resource)
-        if resource is None:
-            return Outcome.UNKNOWN_RESOURCE
-        if resource.users is not None and msg.user not in resource.users:
-            return Outcome.USER_NOT_ALLOWED
-        if isinstance(resource, PortResource) and resource.port in (0, self.settings.control_port):
-            return Outcome.BAD_PORT
-        return None
+        s = self.settings
+        found = admit(s.resources, s.keyring, s.control_port, msg.user, msg.resource)
+        return Outcome(found.value) if isinstance(found, Refusal) else None
 
     def rand(self, n: int) -> bytes:
         return self._rand(n)

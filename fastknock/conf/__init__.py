@@ -2,7 +2,8 @@
 
 Runs in: every process (fastknockd, fastknockfwd as root, the client), at start-up and on
 reload. May import: the standard library and ``fastknock.errors`` only; nothing that does
-network I/O. ``config`` owns the types and validation, ``lexer`` the line-level reading
-(sections, continuation lines, scalar parsers, quoting for messages), ``permissions`` the
-letmein-style warnings about file ownership and modes.
+network I/O. ``model`` owns the types and the one rule of who may open what, ``config`` the
+parser and validation, ``lexer`` the line-level reading (sections, continuation lines,
+scalar parsers, quoting for messages), ``permissions`` the letmein-style warnings about
+file ownership and modes.
 """

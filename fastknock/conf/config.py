@@ -4,9 +4,10 @@ Design
 ------
 * ``parse_config(text, source, role)`` is pure: text in, a frozen ``Config`` out, or a
   ``ConfigError(message, source, line)``. ``load_config`` only reads the bytes. The lexer
-  and the scalar parsers live in ``_configparse``; this module owns the types and the
-  meaning of each section. The format is PROTOCOL.md "Configuration file format"; where
-  that text is silent, letmein 12.x's own reader (letmein-conf) decides.
+  and the scalar parsers live in ``lexer``, the types in ``model`` (re-exported here);
+  this module owns the meaning of each section. The format is PROTOCOL.md "Configuration
+  file format"; where that text is silent, letmein 12.x's own reader (letmein-conf)
+  decides.
 * A file letmein accepts loads with the same meaning, with these deliberate exceptions,
   each of which only rejects files that are wrong or ambiguous anyway: unknown sections
   and options, duplicate options, ``X-match`` without ``X:``, port 0, zero timeouts,
@@ -30,12 +31,26 @@ Design
 
 from __future__ import annotations
 
-import enum
+__all__ = [
+    "DEFAULT_CLIENT_CONFIG",
+    "DEFAULT_CONTROL_PORT",
+    "DEFAULT_SERVER_CONFIG",
+    "Config",
+    "ErrorPolicy",
+    "JumpResource",
+    "NftablesConfig",
+    "PortResource",
+    "Resource",
+    "Role",
+    "SeccompMode",
+    "config_checksum",
+    "load_config",
+    "parse_config",
+]
+
 import hashlib
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
@@ -56,11 +71,20 @@ from fastknock.conf.lexer import (
     split_items,
     strip,
 )
+from fastknock.conf.model import (
+    DEFAULT_CONTROL_PORT,
+    Config,
+    ErrorPolicy,
+    JumpResource,
+    NftablesConfig,
+    PortResource,
+    Resource,
+    SeccompMode,
+)
 from fastknock.errors import ConfigError
 
 DEFAULT_CLIENT_CONFIG = "/etc/fastknock/fastknock.conf"
 DEFAULT_SERVER_CONFIG = "/etc/fastknock/fastknockd.conf"
-DEFAULT_CONTROL_PORT = 5800
 
 Role = Literal["server", "client"]
 
@@ -77,83 +101,6 @@ def _protocols(values: list[str]) -> tuple[bool, bool, str | None]:
         else:
             return tcp, udp, value
     return tcp, udp, None
-
-
-class ErrorPolicy(enum.Enum):
-    ALWAYS = "always"
-    BASIC_AUTH = "basic-auth"
-    FULL_AUTH = "full-auth"
-
-
-class SeccompMode(enum.Enum):
-    OFF = "off"
-    LOG = "log"
-    KILL = "kill"
-
-
-@dataclass(frozen=True, slots=True)
-class PortResource:
-    id: int
-    port: int
-    tcp: bool = True
-    udp: bool = False
-    users: frozenset[int] | None = None  # None: every user in [KEYS] may knock it
-    timeout: int | None = None  # seconds; None: [NFTABLES] timeout
-
-
-@dataclass(frozen=True, slots=True)
-class JumpResource:
-    id: int
-    input: str | None = None
-    forward: str | None = None
-    output: str | None = None
-    input_match_saddr: bool = False
-    forward_match_saddr: bool = False
-    output_match_saddr: bool = False
-    users: frozenset[int] | None = None
-    timeout: int | None = None
-
-
-Resource = PortResource | JumpResource
-
-
-@dataclass(frozen=True, slots=True)
-class NftablesConfig:
-    chain_input: str
-    exe: str = "nft"
-    family: str = "inet"  # inet | ip | ip6
-    table: str = "filter"
-    chain_forward: str | None = None
-    chain_output: str | None = None
-    timeout: int = 600
-    max_nr_rules: int = 100
-    # In-kernel pre-filter for a UDP control port (fastknock extension, see nft.py):
-    # drop datagrams that are not 56 bytes, and rate-limit each source (an IPv4 address,
-    # or an IPv6 prefix of prefilter-ipv6-prefix bits) to rate/s with a burst.
-    prefilter: bool = True
-    prefilter_rate: int = 100  # datagrams per second per source
-    prefilter_burst: int = 200  # datagrams
-    prefilter_ipv6_prefix: int = 64
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    source: str
-    checksum: bytes = field(repr=False)  # SHA3-256(u64be(len(file)) || file)
-    debug: bool = False
-    port: int = DEFAULT_CONTROL_PORT
-    port_tcp: bool = True
-    port_udp: bool = False
-    control_timeout: float = 5.0
-    control_error_policy: ErrorPolicy = ErrorPolicy.ALWAYS
-    seccomp: SeccompMode = SeccompMode.OFF
-    nftables: NftablesConfig | None = None
-    default_user: int | None = None
-    keys: Mapping[int, bytes] = field(default_factory=dict, repr=False)
-    resources: Mapping[int, Resource] = field(default_factory=dict)
-
-    def allowed(self, user: int, resource: Resource) -> bool:
-        return resource.users is None or user in resource.users
 
 
 # --------------------------------------------------------------------------- parsing
