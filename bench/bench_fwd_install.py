@@ -29,7 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from fastknock.conf.config import NftablesConfig  # noqa: E402
-from fastknock.firewall.nft import Change, Firewall, LibNftables, PortLease  # noqa: E402
+from fastknock.firewall.nft import Change, Firewall, PortLease  # noqa: E402
+from fastknock.firewall.runner import LibNftables  # noqa: E402
 
 RULESET = """
 flush ruleset

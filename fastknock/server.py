@@ -281,22 +281,14 @@ async def serve(config: Config, args: argparse.Namespace, socks: Sockets, worker
 
 def _reload(args: argparse.Namespace, controller: Controller, link: FwdLink, old: Config) -> None:
     """SIGHUP: validate the new config, then swap the core; a bad one changes nothing."""
-    if not args.no_systemd:
-        systemd.notify("RELOADING=1")
-    try:
+    with systemd.reloading(log, not args.no_systemd):
         new = load_config(args.config, role="server")
-    except ConfigError as exc:
-        log.error("reload failed, keeping the old configuration: %s", exc)
-    else:
         if (new.port, new.port_udp, new.port_tcp) != (old.port, old.port_udp, old.port_tcp):
             log.warning("the control port changed: that takes a restart; the rest applies now")
         controller.reload(ServerSettings.from_config(new))
         link.checksum = new.checksum
         log.info("reloaded %s (%d users, %d resources)", new.source, len(new.keys),
                  len(new.resources))  # fmt: skip
-    finally:
-        if not args.no_systemd:
-            systemd.notify("READY=1")
 
 
 def summary(config: Config) -> str:

@@ -15,8 +15,8 @@ import pytest
 
 from fastknock import ipc
 from fastknock.conf.config import Config, JumpResource, NftablesConfig, PortResource
+from fastknock.firewall.daemon import Daemon, ServerAccount
 from fastknock.firewall.nft import Change, Firewall, LiveLease, PortLease
-from fastknock.fwd import Daemon, Peer
 from fastknock.ipc import FwOp, FwRequest, FwStatus
 
 USER, USER2 = 0x12345678, 0x2
@@ -81,7 +81,7 @@ def req(res: int, addr: str = "192.0.2.1", op: FwOp = FwOp.INSTALL, **kw: object
 def daemon(cfg: Config | None = None, now: list[float] | None = None) -> Daemon:
     cfg = cfg or make_config()
     clock = now or [1000.0]
-    return Daemon(cfg, FakeFirewall(cfg), Peer(1, 1), clock=lambda: clock[0])
+    return Daemon(cfg, FakeFirewall(cfg), ServerAccount(1, 1), clock=lambda: clock[0])
 
 
 @pytest.mark.parametrize(
@@ -99,30 +99,30 @@ def daemon(cfg: Config | None = None, now: list[float] | None = None) -> Daemon:
     ],
 )
 def test_refusals(request_: FwRequest, status: FwStatus) -> None:
-    assert daemon().check(request_) == status
+    assert daemon().validate(request_) == status
 
 
 def test_changes_per_resource() -> None:
     d = daemon()
-    changes = d.check(req(2, "::ffff:192.0.2.9"))
+    changes = d.validate(req(2, "::ffff:192.0.2.9"))
     assert changes == [
         Change(PortLease(ipaddress.IPv4Address("192.0.2.9"), "tcp", 53), True, 30),
         Change(PortLease(ipaddress.IPv4Address("192.0.2.9"), "udp", 53), True, 30),
     ]
-    assert d.check(req(1, op=FwOp.REVOKE)) == [
+    assert d.validate(req(1, op=FwOp.REVOKE)) == [
         Change(PortLease(ipaddress.IPv4Address("192.0.2.1"), "tcp", 22), False, 600)
     ]
 
 
 def test_family_ip_refuses_ipv6() -> None:
     d = daemon(make_config(family="ip"))
-    assert d.check(req(1, "2001:db8::1")) == FwStatus.BAD_ADDRESS
-    assert isinstance(d.check(req(1, "192.0.2.1")), list)
+    assert d.validate(req(1, "2001:db8::1")) == FwStatus.BAD_ADDRESS
+    assert isinstance(d.validate(req(1, "192.0.2.1")), list)
 
 
 def test_jump_leases_per_chain() -> None:
     cfg = make_config(chain_forward="FWD")
-    changes = daemon(cfg).check(req(6))
+    changes = daemon(cfg).validate(req(6))
     assert isinstance(changes, list)
     assert [(c.key.hook, c.key.addr) for c in changes] == [  # type: ignore[union-attr]
         ("input", None),
@@ -180,7 +180,9 @@ def test_cap_counts_entries_and_rereads_the_kernel() -> None:
     assert asyncio.run(_gather(d, [req(1, "192.0.2.3")])) == [FwStatus.ACK]
     # Port leases expire by the clock (the kernel removes them) and free room.
     now[0] += 601
-    assert d.live() == 0
+    assert d.live_count() == 1  # expired, not yet forgotten: pruning is explicit
+    d.prune_expired()
+    assert d.live_count() == 0
 
 
 def test_failed_change_nacks_only_its_requests() -> None:
@@ -194,7 +196,7 @@ def test_failed_change_nacks_only_its_requests() -> None:
 
 
 def test_jump_leases_expire_through_the_sweeper(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("fastknock.fwd.SWEEP_INTERVAL", 0.01)
+    monkeypatch.setattr("fastknock.firewall.daemon.SWEEP_INTERVAL", 0.01)
     now = [1000.0]
     d = daemon(make_config(chain_forward="FWD"), now)
     fw = d.fw

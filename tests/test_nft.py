@@ -17,14 +17,12 @@ from fastknock.firewall.nft import (
     Change,
     Firewall,
     JumpLease,
-    LibNftables,
     LiveLease,
-    NftExe,
     PortLease,
-    Runner,
     jump_comment,
     parse_jump_comment,
 )
+from fastknock.firewall.runner import LibNftables, NftExe, Runner
 from tests import netns
 
 A4 = ipaddress.IPv4Address("192.0.2.7")

@@ -15,7 +15,8 @@ import pytest
 
 from fastknock.conf.config import NftablesConfig
 from fastknock.firewall import prefilter
-from fastknock.firewall.nft import Firewall, LibNftables
+from fastknock.firewall.nft import Firewall
+from fastknock.firewall.runner import LibNftables
 from tests import netns
 
 CFG = NftablesConfig(chain_input="LETMEIN-INPUT")

@@ -22,7 +22,8 @@ from collections.abc import Iterator
 import pytest
 
 from fastknock.conf.config import NftablesConfig
-from fastknock.firewall.nft import Firewall, LibNftables
+from fastknock.firewall.nft import Firewall
+from fastknock.firewall.runner import LibNftables
 from tests import netns
 
 pytestmark = pytest.mark.e2e

@@ -6,14 +6,23 @@
   must be our PID, ``LISTEN_FDS`` counts them from fd 3. The variables are removed from the
   environment afterwards (as ``unset_environment=1``), and the fds are made close-on-exec.
 
-``--no-systemd`` in both daemons skips both (the variables are then ignored).
-Tested for real with ``systemd-socket-activate`` (tests/test_systemd.py).
+- ``reloading(log, notify_systemd)``: the frame of both daemons' SIGHUP reload:
+  RELOADING=1, the body, READY=1 whatever happened; a ``ConfigError`` or
+  ``FirewallError`` from the body is logged and the old configuration stays.
+
+``--no-systemd`` in both daemons skips the notifications (the variables are then ignored).
+Tested for real with ``systemd-socket-activate`` (tests/test_hardening_e2e.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
+from collections.abc import Iterator
+
+from fastknock.errors import ConfigError, FirewallError
 
 SD_LISTEN_FDS_START = 3
 
@@ -52,3 +61,17 @@ def listen_fds(unset: bool = True) -> list[socket.socket]:
         os.set_inheritable(fd, False)
         socks.append(socket.socket(fileno=fd))
     return socks
+
+
+@contextlib.contextmanager
+def reloading(log: logging.Logger, notify_systemd: bool) -> Iterator[None]:
+    """Run a reload's body between RELOADING=1 and READY=1; a bad config changes nothing."""
+    if notify_systemd:
+        notify("RELOADING=1")
+    try:
+        yield
+    except (ConfigError, FirewallError) as exc:
+        log.error("reload failed, keeping the old configuration: %s", exc)
+    finally:
+        if notify_systemd:
+            notify("READY=1")

@@ -1,0 +1,320 @@
+"""The request side of fastknockfwd: who may ask, what a request may change, batching.
+
+Design
+------
+- A peer must show the server account's uid *and* gid in SO_PEERCRED (``--test-mode`` also
+  admits root), else it gets NOT_PERMITTED. One request per connection, read with
+  ``control-timeout``: short, slow or silent peers are dropped, malformed ones get
+  MALFORMED; neither affects other connections.
+- ``Daemon.validate``, in order: config checksum, address (not all-zero/all-ones, family
+  supported by the nftables family; IPv4-mapped addresses arrive as IPv4, normalised by
+  ``ipc.decode_request``), then ``Config.admit`` (resource known, user known and allowed,
+  port not 0 and not the control port: the same rule fastknockd applied), then the chains
+  a jump resource needs.
+- Batching: validated requests join a queue. One worker coroutine takes *everything*
+  queued, plans it (cap check, one change per lease key; the last change to a key wins)
+  and applies it as one nftables transaction in a thread, so the event loop keeps
+  accepting and queueing while a transaction is in flight. Each requester gets its own
+  ACK/NACK; a failing batch is retried item by item (``nft.Firewall.apply``).
+- Cap: ``max-nr-rules`` counts live lease entries (a tcp,udp port lease counts 2, a jump
+  lease 1 per chain), not the static/control-port rules. The count starts from what the
+  kernel holds at start-up and is re-read from the kernel before refusing anything; a
+  refresh of a live lease needs no new room. Revoking a missing lease is ACK.
+- Expiry: port leases expire in the kernel (``prune_expired`` forgets them here). Jump
+  leases are per-lease rules whose deadline is in their comment; ``sweep`` removes them
+  when due (also after a restart).
+- Counters (``Daemon.stats``, ``metric_families``) for the log and ``--metrics-file``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import socket
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastknock import ipc
+from fastknock.conf.model import Config, JumpResource, Refusal
+from fastknock.errors import WireError
+from fastknock.firewall.nft import Change, Firewall, JumpLease, LeaseKey, PortLease
+from fastknock.ipc import FwOp, FwRequest, FwStatus
+from fastknock.osutil import metrics
+
+__all__ = ["SWEEP_INTERVAL", "Daemon", "ServerAccount"]
+
+log = logging.getLogger("fastknockfwd")
+
+_BAD_ADDRS = {
+    ipaddress.ip_address("0.0.0.0"),
+    ipaddress.ip_address("255.255.255.255"),
+    ipaddress.ip_address("::"),
+    ipaddress.ip_address("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+}
+SWEEP_INTERVAL = 0.25
+
+
+@dataclass
+class _Item:
+    changes: list[Change]
+    install: bool
+    future: asyncio.Future[FwStatus] | None  # None: internal (jump expiry)
+
+
+@dataclass
+class ServerAccount:
+    """Who may connect: fastknockd's uid and gid (SO_PEERCRED); root too with --test-mode."""
+
+    uid: int
+    gid: int
+    allow_root: bool = False
+
+    def permits(self, uid: int, gid: int) -> bool:
+        return (uid, gid) == (self.uid, self.gid) or (self.allow_root and uid == 0)
+
+
+@dataclass
+class Daemon:
+    cfg: Config
+    fw: Firewall
+    account: ServerAccount
+    clock: Callable[[], float] = time.time
+    leases: dict[LeaseKey, float] = field(default_factory=dict)  # key -> deadline
+    counts: Counter[str] = field(default_factory=Counter)
+    _queue: list[_Item] = field(default_factory=list)
+    _worker: asyncio.Task[None] | None = None
+    _expiring: set[LeaseKey] = field(default_factory=set)  # jump expiries in flight
+
+    def _now(self) -> float:
+        return self.clock()
+
+    # -- state from the kernel --
+
+    def load(self) -> None:
+        """(Re)read the live leases from the kernel."""
+        now = self._now()
+        self.leases = {
+            lease.key: now + lease.remaining if lease.remaining is not None else float("inf")
+            for lease in self.fw.scan()
+        }
+
+    def prune_expired(self) -> None:
+        """Forget port leases whose deadline passed: the kernel has expired them."""
+        now = self._now()
+        for key in [k for k, d in self.leases.items() if d <= now and isinstance(k, PortLease)]:
+            del self.leases[key]
+
+    def live_count(self) -> int:
+        """Leases the cap counts (prune first for an up-to-date count)."""
+        return len(self.leases)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        s = self.fw.stats
+        return {
+            "requests": self.counts["requests"],
+            "acks": self.counts["acks"],
+            "nacks": self.counts["nacks"],
+            "transactions": s.transactions,
+            "changes": s.changes,
+            "fallbacks": s.fallbacks,
+            "live": len(self.leases),
+            "batches": self.counts["batches"],
+            "failed_transactions": s.failed_transactions,
+            "refused_peers": self.counts["refused_peers"],
+        }
+
+    def metric_families(self) -> list[metrics.Family]:
+        replies = {k: v for k, v in self.counts.items() if k.startswith("status_")}
+        return metrics.fwd_families({**self.stats, **replies})
+
+    def log_stats(self) -> None:
+        log.info("stats: %s", " ".join(f"{k}={v}" for k, v in self.stats.items()))
+
+    # -- requests --
+
+    def validate(self, req: FwRequest) -> FwStatus | list[Change]:
+        """The changes ``req`` asks for, or why it is refused."""
+        cfg, nft = self.cfg, self.cfg.nftables
+        assert nft is not None
+        if not hmac.compare_digest(req.checksum, cfg.checksum):
+            return FwStatus.BAD_CHECKSUM
+        addr = req.addr  # ipc.decode_request normalised it
+        if addr in _BAD_ADDRS or not self.fw.supports(addr):
+            return FwStatus.BAD_ADDRESS
+        res = cfg.admit(req.user, req.resource)
+        if isinstance(res, Refusal):
+            return FwStatus[res.name]  # UNKNOWN_RESOURCE, USER_NOT_ALLOWED, BAD_PORT
+        install = req.op == FwOp.INSTALL
+        timeout = res.timeout if res.timeout is not None else nft.timeout
+        if isinstance(res, JumpResource):
+            changes = []
+            for hook, target, match in (
+                ("input", res.input, res.input_match_saddr),
+                ("forward", res.forward, res.forward_match_saddr),
+                ("output", res.output, res.output_match_saddr),
+            ):
+                if target is None:
+                    continue
+                if self.fw.chains[hook] is None:
+                    log.error("resource %08X needs [NFTABLES] chain-%s", res.id, hook)
+                    return FwStatus.FIREWALL_ERROR
+                lease = JumpLease(res.id, hook, target, addr if match else None)
+                changes.append(Change(lease, install, timeout))
+            return changes
+        protos = [p for p, on in (("tcp", res.tcp), ("udp", res.udp)) if on]
+        return [Change(PortLease(addr, p, res.port), install, timeout) for p in protos]
+
+    async def submit(self, req: FwRequest) -> FwStatus:
+        self.counts["requests"] += 1
+        checked = self.validate(req)
+        if isinstance(checked, FwStatus):
+            status = checked
+        else:
+            future: asyncio.Future[FwStatus] = asyncio.get_running_loop().create_future()
+            self._enqueue(_Item(checked, req.op == FwOp.INSTALL, future))
+            status = await future
+        self.counts["acks" if status == FwStatus.ACK else "nacks"] += 1
+        self.counts[f"status_{status.name.lower()}"] += 1
+        what = "install" if req.op == FwOp.INSTALL else "revoke"
+        log.log(
+            logging.INFO if status == FwStatus.ACK else logging.WARNING,
+            "%s user=%08X resource=%08X addr=%s: %s",
+            what, req.user, req.resource, req.addr, status.name,
+        )  # fmt: skip
+        return status
+
+    def _enqueue(self, item: _Item) -> None:
+        self._queue.append(item)
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _work(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                await self._run_batch(batch)
+            except Exception:  # never leave a requester hanging
+                log.exception("batch failed")
+                for item in batch:
+                    if item.future is not None and not item.future.done():
+                        item.future.set_result(FwStatus.FIREWALL_ERROR)
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        assert self.cfg.nftables is not None
+        self.counts["batches"] += 1
+        cap = self.cfg.nftables.max_nr_rules
+        planned: dict[LeaseKey, Change] = {}
+        accepted: list[_Item] = []
+        self.prune_expired()
+        live = self.live_count()
+        resynced = False
+        for item in batch:
+            if item.install:
+                new = {c.key for c in item.changes if c.key not in self.leases}
+                new -= planned.keys()
+                if live + len(new) > cap and not resynced:
+                    resynced = True
+                    await asyncio.to_thread(self.load)
+                    self.prune_expired()
+                    live = self.live_count() + sum(1 for k in planned if k not in self.leases)
+                    new = {c.key for c in item.changes if c.key not in self.leases}
+                    new -= planned.keys()
+                if live + len(new) > cap:
+                    if item.future is not None:
+                        item.future.set_result(FwStatus.LIMIT)
+                    continue
+                live += len(new)
+            for change in item.changes:
+                planned.pop(change.key, None)
+                planned[change.key] = change  # the last change to a key wins
+            accepted.append(item)
+        changes = list(planned.values())
+        errors = await asyncio.to_thread(self.fw.apply, changes) if changes else []
+        now = self._now()
+        failed = set()
+        for change, error in zip(changes, errors, strict=True):
+            if error is not None:
+                failed.add(change.key)
+                log.error("nftables refused %s: %s", change, error)
+            elif change.install:
+                self.leases[change.key] = now + change.timeout
+            else:
+                self.leases.pop(change.key, None)
+        self._expiring.difference_update(planned)
+        log.debug(
+            "transaction batch: %d requests, %d changes, %d failed; totals %s",
+            len(batch), len(changes), len(failed), self.stats,
+        )  # fmt: skip
+        for item in accepted:
+            if item.future is not None:
+                bad = any(c.key in failed for c in item.changes)
+                item.future.set_result(FwStatus.FIREWALL_ERROR if bad else FwStatus.ACK)
+
+    async def sweep(self) -> None:
+        """Remove jump leases whose deadline passed (port leases expire in the kernel)."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = self._now()
+            due = [
+                k
+                for k, d in self.leases.items()
+                if isinstance(k, JumpLease) and d <= now and k not in self._expiring
+            ]
+            if due:
+                self._expiring.update(due)
+                log.info("expiring %d jump lease(s)", len(due))
+                self._enqueue(_Item([Change(k, False) for k in due], False, None))
+
+    async def drain(self) -> None:
+        if self._worker is not None:
+            await self._worker
+
+    # -- connections --
+
+    async def serve_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, gid = struct.unpack("3i", creds)
+            if not self.account.permits(uid, gid):
+                log.warning("refused peer pid=%d uid=%d gid=%d: not permitted", pid, uid, gid)
+                self.counts["refused_peers"] += 1
+                try:  # read the request first, so the peer sees the reply, not EPIPE
+                    await asyncio.wait_for(reader.readexactly(ipc.REQUEST_SIZE), 1.0)
+                except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
+                    pass
+                await self._reply(writer, FwStatus.NOT_PERMITTED)
+                return
+            try:
+                data = await asyncio.wait_for(
+                    reader.readexactly(ipc.REQUEST_SIZE), self.cfg.control_timeout
+                )
+            except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError) as exc:
+                log.warning(
+                    "dropped peer pid=%d: no complete request (%s)", pid, type(exc).__name__
+                )
+                return
+            try:
+                req = ipc.decode_request(data)
+            except WireError as exc:
+                log.warning("malformed request from pid=%d: %s", pid, exc)
+                await self._reply(writer, FwStatus.MALFORMED)
+                return
+            await self._reply(writer, await self.submit(req))
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            writer.close()
+
+    async def _reply(self, writer: asyncio.StreamWriter, status: FwStatus) -> None:
+        try:
+            writer.write(ipc.encode_reply(status))
+            await asyncio.wait_for(writer.drain(), self.cfg.control_timeout)
+        except (OSError, asyncio.TimeoutError):
+            pass
