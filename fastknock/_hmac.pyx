@@ -47,6 +47,7 @@ from fastknock._wire cimport (
     frame_reason,
     load_be32,
     message_from_raw,
+    store_be32,
     to_u32,
 )
 
@@ -137,18 +138,9 @@ cdef int _head(object operation, object user, object resource, object salt,
     to_u32(user, &u, "user")
     to_u32(resource, &r, "resource")
     copy_fixed(salt, WIRE_SALT_SIZE, head + 12, "salt")
-    head[0] = <unsigned char>(op >> 24)
-    head[1] = <unsigned char>(op >> 16)
-    head[2] = <unsigned char>(op >> 8)
-    head[3] = <unsigned char>op
-    head[4] = <unsigned char>(u >> 24)
-    head[5] = <unsigned char>(u >> 16)
-    head[6] = <unsigned char>(u >> 8)
-    head[7] = <unsigned char>u
-    head[8] = <unsigned char>(r >> 24)
-    head[9] = <unsigned char>(r >> 16)
-    head[10] = <unsigned char>(r >> 8)
-    head[11] = <unsigned char>r
+    store_be32(head, op)
+    store_be32(head + 4, u)
+    store_be32(head + 8, r)
     return 0
 
 
