@@ -19,10 +19,7 @@ from fastknock import _ext
 
 __all__ = ["DEFAULT_ALLOWED_OPS", "IMPLEMENTATION", "HmacKey", "KeyRing"]
 
-IMPLEMENTATION: str
-
 if TYPE_CHECKING:
     from fastknock._hmac_py import DEFAULT_ALLOWED_OPS, HmacKey, KeyRing
-else:
-    _impl, IMPLEMENTATION = _ext.select("fastknock._hmac", "fastknock._hmac_py")
-    DEFAULT_ALLOWED_OPS, HmacKey, KeyRing = _impl.DEFAULT_ALLOWED_OPS, _impl.HmacKey, _impl.KeyRing
+
+IMPLEMENTATION = _ext.bind(globals(), "fastknock._hmac", "fastknock._hmac_py", __all__)

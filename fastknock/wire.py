@@ -17,10 +17,7 @@ from fastknock import _ext
 
 __all__ = ["IMPLEMENTATION", "pack", "parse", "serialize"]
 
-IMPLEMENTATION: str
-
 if TYPE_CHECKING:
     from fastknock._wire_py import pack, parse, serialize
-else:
-    _impl, IMPLEMENTATION = _ext.select("fastknock._wire", "fastknock._wire_py")
-    pack, parse, serialize = _impl.pack, _impl.parse, _impl.serialize
+
+IMPLEMENTATION = _ext.bind(globals(), "fastknock._wire", "fastknock._wire_py", __all__)

@@ -45,13 +45,11 @@ from fastknock.protocol import FIRST_OPS, ServerSettings
 
 __all__ = ["IMPLEMENTATION", "PATHS", "BatchedUdp", "Reader", "open_udp"]
 
-IMPLEMENTATION: str
-
 if TYPE_CHECKING:
     from fastknock.knockd._recv_py import COUNTERS, Reader
-else:
-    _impl, IMPLEMENTATION = _ext.select("fastknock.knockd._recv", "fastknock.knockd._recv_py")
-    COUNTERS, Reader = _impl.COUNTERS, _impl.Reader
+
+_IMPLS = ("fastknock.knockd._recv", "fastknock.knockd._recv_py")
+IMPLEMENTATION = _ext.bind(globals(), *_IMPLS, ("COUNTERS", "Reader"))
 
 log = logging.getLogger("fastknockd")
 
