@@ -51,6 +51,7 @@ __all__ = [
 import hashlib
 import os
 import re
+from collections.abc import Iterator
 from types import MappingProxyType
 from typing import Literal
 
@@ -266,23 +267,23 @@ class _Parser(Checker):
 
     # -- [KEYS] -------------------------------------------------------------------------
 
-    def keys(self, sect: RawSection) -> dict[int, bytes]:
-        keys: dict[int, bytes] = {}
-        lines: dict[int, int] = {}
+    def ids(
+        self, sect: RawSection, bad: str, duplicate: str, lines: dict[int, int]
+    ) -> Iterator[tuple[int, RawOption]]:
+        """The options of an id-keyed section ([KEYS], [RESOURCES]) with their ids, in file
+        order (so the first problem is the one reported); ``lines`` learns each id's line."""
         for name, opt in sect.options.items():
-            uid = parse_id(name)
-            if uid is None:
-                self.fail(
-                    f"[KEYS] bad user id {show(strip(name))} (expected 8 hex digits)", opt.line
-                )
-            if uid in keys:
-                self.fail(
-                    f"[KEYS] duplicate key for user {_uid(uid)} (first on line {lines[uid]})",
-                    opt.line,
-                )
-            keys[uid] = self.key(opt, uid)
-            lines[uid] = opt.line
-        return keys
+            ident = parse_id(name)
+            if ident is None:
+                self.fail(f"{bad} {show(strip(name))} (expected 8 hex digits)", opt.line)
+            if ident in lines:
+                self.fail(f"{duplicate} {_uid(ident)} (first on line {lines[ident]})", opt.line)
+            lines[ident] = opt.line
+            yield ident, opt
+
+    def keys(self, sect: RawSection) -> dict[int, bytes]:
+        found = self.ids(sect, "[KEYS] bad user id", "[KEYS] duplicate key for user", {})
+        return {uid: self.key(opt, uid) for uid, opt in found}
 
     def key(self, opt: RawOption, uid: int) -> bytes:
         # Never quote the value: not even a wrong one (it may be a real key with a typo).
@@ -306,22 +307,11 @@ class _Parser(Checker):
     # -- [RESOURCES] --------------------------------------------------------------------
 
     def resources(self, sect: RawSection) -> dict[int, Resource]:
-        out: dict[int, Resource] = {}
         lines: dict[int, int] = {}
-        for name, opt in sect.options.items():
-            rid = parse_id(name)
-            if rid is None:
-                self.fail(
-                    f"[RESOURCES] bad resource id {show(strip(name))} (expected 8 hex digits)",
-                    opt.line,
-                )
-            if rid in out:
-                self.fail(
-                    f"[RESOURCES] duplicate resource {_uid(rid)} (first on line {lines[rid]})",
-                    opt.line,
-                )
-            out[rid] = self.resource(rid, opt)
-            lines[rid] = opt.line
+        found = self.ids(
+            sect, "[RESOURCES] bad resource id", "[RESOURCES] duplicate resource", lines
+        )
+        out = {rid: self.resource(rid, opt) for rid, opt in found}
         self.check_ports(out, lines)
         return out
 
