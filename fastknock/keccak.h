@@ -58,15 +58,11 @@ static inline void fk_store64le(unsigned char *p, uint64_t v) {
 }
 
 /*
- * One round from the lanes A##xx into E##xx, with lane complementing. Row letters
- * b,g,k,m,s are y = 0..4, column letters a,e,i,o,u are x = 0..4. B[y, 2x+3y] =
- * ROL(A[x,y] ^ D[x], r[x,y]); chi written per the lane-complementing pattern of the
- * Keccak team's reference ("bebigokimisa" complement mask).
+ * Theta's column parities C and their mix D (into locals Ca..Cu, Da..Du), and plane b's
+ * rho/pi inputs B0..B4: shared by the full round and the digest-only last round.
  */
-#define FK_KECCAK_ROUND(rc, A, E)                                                          \
+#define FK_KECCAK_THETA(A)                                                                 \
     do {                                                                                   \
-        uint64_t Ca, Ce, Ci, Co, Cu, Da, De, Di, Do, Du;                                   \
-        uint64_t B0, B1, B2, B3, B4;                                                       \
         Ca = A##ba ^ A##ga ^ A##ka ^ A##ma ^ A##sa;                                        \
         Ce = A##be ^ A##ge ^ A##ke ^ A##me ^ A##se;                                        \
         Ci = A##bi ^ A##gi ^ A##ki ^ A##mi ^ A##si;                                        \
@@ -77,12 +73,29 @@ static inline void fk_store64le(unsigned char *p, uint64_t v) {
         Di = Ce ^ FK_ROL64(Co, 1);                                                         \
         Do = Ci ^ FK_ROL64(Cu, 1);                                                         \
         Du = Co ^ FK_ROL64(Ca, 1);                                                         \
-        /* plane b (y = 0) */                                                              \
+    } while (0)
+
+#define FK_KECCAK_PLANE_B(A)                                                               \
+    do {                                                                                   \
         B0 = A##ba ^ Da;                                                                   \
         B1 = A##ge ^ De; B1 = FK_ROL64(B1, 44);                                            \
         B2 = A##ki ^ Di; B2 = FK_ROL64(B2, 43);                                            \
         B3 = A##mo ^ Do; B3 = FK_ROL64(B3, 21);                                            \
         B4 = A##su ^ Du; B4 = FK_ROL64(B4, 14);                                            \
+    } while (0)
+
+/*
+ * One round from the lanes A##xx into E##xx, with lane complementing. Row letters
+ * b,g,k,m,s are y = 0..4, column letters a,e,i,o,u are x = 0..4. B[y, 2x+3y] =
+ * ROL(A[x,y] ^ D[x], r[x,y]); chi written per the lane-complementing pattern of the
+ * Keccak team's reference ("bebigokimisa" complement mask).
+ */
+#define FK_KECCAK_ROUND(rc, A, E)                                                          \
+    do {                                                                                   \
+        uint64_t Ca, Ce, Ci, Co, Cu, Da, De, Di, Do, Du;                                   \
+        uint64_t B0, B1, B2, B3, B4;                                                       \
+        FK_KECCAK_THETA(A);                                                                \
+        FK_KECCAK_PLANE_B(A); /* plane b (y = 0) */                                        \
         E##ba = B0 ^ (B1 | B2);                                                            \
         E##ba ^= (rc);                                                                     \
         E##be = B1 ^ ((~B2) | B3);                                                         \
@@ -147,21 +160,8 @@ static inline void fk_store64le(unsigned char *p, uint64_t v) {
     do {                                                                                   \
         uint64_t Ca, Ce, Ci, Co, Cu, Da, De, Di, Do, Du;                                   \
         uint64_t B0, B1, B2, B3, B4;                                                       \
-        Ca = A##ba ^ A##ga ^ A##ka ^ A##ma ^ A##sa;                                        \
-        Ce = A##be ^ A##ge ^ A##ke ^ A##me ^ A##se;                                        \
-        Ci = A##bi ^ A##gi ^ A##ki ^ A##mi ^ A##si;                                        \
-        Co = A##bo ^ A##go ^ A##ko ^ A##mo ^ A##so;                                        \
-        Cu = A##bu ^ A##gu ^ A##ku ^ A##mu ^ A##su;                                        \
-        Da = Cu ^ FK_ROL64(Ce, 1);                                                         \
-        De = Ca ^ FK_ROL64(Ci, 1);                                                         \
-        Di = Ce ^ FK_ROL64(Co, 1);                                                         \
-        Do = Ci ^ FK_ROL64(Cu, 1);                                                         \
-        Du = Co ^ FK_ROL64(Ca, 1);                                                         \
-        B0 = A##ba ^ Da;                                                                   \
-        B1 = A##ge ^ De; B1 = FK_ROL64(B1, 44);                                            \
-        B2 = A##ki ^ Di; B2 = FK_ROL64(B2, 43);                                            \
-        B3 = A##mo ^ Do; B3 = FK_ROL64(B3, 21);                                            \
-        B4 = A##su ^ Du; B4 = FK_ROL64(B4, 14);                                            \
+        FK_KECCAK_THETA(A);                                                                \
+        FK_KECCAK_PLANE_B(A);                                                              \
         (out)[0] = B0 ^ (B1 | B2) ^ (rc);                                                  \
         (out)[1] = ~(B1 ^ ((~B2) | B3));                                                   \
         (out)[2] = ~(B2 ^ (B3 & B4));                                                      \
