@@ -2,7 +2,7 @@
 
 No sockets, no clock, no randomness in here: callers pass bytes, the peer address and ``now``,
 and inject ``rand(n) -> bytes``; the core returns events (bytes to send, a firewall request, a
-session end with its reason). The asyncio/uvloop layers (``server.py``, ``client.py``) are
+session end with its reason). The asyncio/uvloop layers (``knockd/``, ``knock/client.py``) are
 thin loops around it, and the tests drive client and server against each other in memory.
 
 Server rules, in order, for one control session (PROTOCOL.md "Flow"):

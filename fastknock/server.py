@@ -1,22 +1,23 @@
 """``fastknockd``: the network-facing knock server (process, sockets, signals, firewall link).
 
-The protocol lives in ``protocol.py`` (sans-I/O) and the transports in ``control.py``; this
-module only wires them to the world: it parses the command line and the config, binds the
-control port(s) dual-stack (one IPv6 socket that also accepts IPv4-mapped peers, or IPv4
-only where the kernel has no IPv6), runs on uvloop when importable (asyncio otherwise),
-forwards firewall requests to fastknockfwd over its Unix socket with the config checksum,
-writes a PID file and stops cleanly on SIGTERM/SIGINT, even with sessions in flight.
+The protocol lives in ``protocol.py`` (sans-I/O) and the transports in
+``knockd/control.py``; this module only wires them to the world: it parses the command line
+and the config, binds the control port(s) dual-stack (one IPv6 socket that also accepts
+IPv4-mapped peers, or IPv4 only where the kernel has no IPv6), runs on uvloop when
+importable (asyncio otherwise), forwards firewall requests to fastknockfwd over its Unix
+socket with the config checksum (``knockd/fwdlink.py``), writes a PID file and stops
+cleanly on SIGTERM/SIGINT, even with sessions in flight.
 
-The UDP control port is read by the batched receive path (``recv.py``: recvmmsg, the fused
-check in C) unless ``--udp-path protocol`` asks for the plain asyncio ``DatagramProtocol``.
-``--workers N`` runs N such processes on one SO_REUSEPORT group (``workers.py``);
-``--metrics-file`` writes the counters in Prometheus text format (``metrics.py``).
+The UDP control port is read by the batched receive path (``knockd/recv.py``: recvmmsg, the
+fused check in C) unless ``--udp-path protocol`` asks for the plain asyncio ``DatagramProtocol``.
+``--workers N`` runs N such processes on one SO_REUSEPORT group (``knockd/workers.py``);
+``--metrics-file`` writes the counters in Prometheus text format (``osutil/metrics.py``).
 
 Hardening, in start-up order: read and check the config (permission warnings like
 letmein's), take the control sockets from systemd (socket activation) or bind them, write
 the PID file, drop root for good to ``--user`` (default ``fastknock``: no groups, no
 capabilities, no_new_privs), start serving, install the seccomp allow-list
-(``seccomp.py``), tell systemd READY. SIGHUP re-reads the config: a valid one replaces the
+(``osutil/seccomp.py``), tell systemd READY. SIGHUP re-reads the config: a valid one replaces the
 core (new sessions use it; sessions in flight finish on the old), a bad one is logged and
 the old one keeps serving. The control port itself cannot change without a restart (the
 sockets were bound as root).
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seccomp",
         choices=["off", "log", "kill"],
         default=None,
-        help="override [GENERAL] seccomp (not enforced yet: see the hardening issue)",
+        help="override [GENERAL] seccomp: the system-call allow-list (log: log violations, "
+        "kill: kill the process on one)",
     )
     p.add_argument(
         "--udp-path",
@@ -403,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.seccomp_mode = args.seccomp or config.seccomp.value
     if args.seccomp_mode != "off":
-        seccomp.forbid_io_uring()  # before any event loop exists (see seccomp.py)
+        seccomp.forbid_io_uring()  # before any event loop exists (see osutil/seccomp.py)
     if args.workers < 1 or args.metrics_interval <= 0:
         print("fastknockd: --workers and --metrics-interval must be positive", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ Design
 * fastknock extensions (letmein has none of these): ``[NFTABLES] prefilter = on|off``
   (default on), ``prefilter-rate`` (default 100 datagrams/s per source),
   ``prefilter-burst`` (default 200) and ``prefilter-ipv6-prefix`` (default 64): the
-  in-kernel pre-filter of a UDP control port, set up by fastknockfwd (``nft.py``).
+  in-kernel pre-filter of a UDP control port, set up by fastknockfwd (``firewall/prefilter.py``).
 """
 
 from __future__ import annotations

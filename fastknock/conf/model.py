@@ -81,7 +81,7 @@ class NftablesConfig:
     chain_output: str | None = None
     timeout: int = 600
     max_nr_rules: int = 100
-    # In-kernel pre-filter for a UDP control port (fastknock extension, see nft.py):
+    # In-kernel pre-filter for a UDP control port (fastknock extension, see firewall/prefilter.py):
     # drop datagrams that are not 56 bytes, and rate-limit each source (an IPv4 address,
     # or an IPv6 prefix of prefilter-ipv6-prefix bits) to rate/s with a burst.
     prefilter: bool = True

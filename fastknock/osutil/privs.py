@@ -63,7 +63,7 @@ def lookup(user: str, group: str | None = None) -> tuple[int, int]:
         raise PrivilegeError(
             f"the account {user!r} does not exist; create it with "
             f"'useradd --system --no-create-home --shell /usr/sbin/nologin {user}' "
-            "(scripts/install.sh does this), or choose another with --user"
+            "(fastknock-install does this), or choose another with --user"
         ) from None
     gid = pw.pw_gid
     if group is not None:
