@@ -158,9 +158,7 @@ async def _serve(
     try:
         await stop.wait()
     finally:
-        log.info("shutting down; leases stay in the kernel")
-        if not args.no_systemd:
-            systemd.notify("STOPPING=1")
+        systemd.stopping(log, not args.no_systemd, "shutting down; leases stay in the kernel")
         server.close()
         sweeper.cancel()
         await daemon.drain()

@@ -267,9 +267,7 @@ async def serve(config: Config, args: argparse.Namespace, socks: Sockets, worker
     try:
         await stop.wait()
     finally:
-        log.info("fastknockd stopping")
-        if not args.no_systemd:
-            systemd.notify("STOPPING=1")
+        systemd.stopping(log, not args.no_systemd, "fastknockd stopping")
         if tcp is not None:
             tcp.close()
         if udp is not None:

@@ -9,6 +9,8 @@
 - ``reloading(log, notify_systemd)``: the frame of both daemons' SIGHUP reload:
   RELOADING=1, the body, READY=1 whatever happened; a ``ConfigError`` or
   ``FirewallError`` from the body is logged and the old configuration stays.
+- ``stopping(log, notify_systemd, message)``: the first step of both daemons' shutdown:
+  log it, STOPPING=1.
 
 ``--no-systemd`` in both daemons skips the notifications (the variables are then ignored).
 Tested for real with ``systemd-socket-activate`` (tests/test_hardening_e2e.py).
@@ -75,3 +77,10 @@ def reloading(log: logging.Logger, notify_systemd: bool) -> Iterator[None]:
     finally:
         if notify_systemd:
             notify("READY=1")
+
+
+def stopping(log: logging.Logger, notify_systemd: bool, message: str) -> None:
+    """A daemon begins to shut down: say so in the log and to systemd."""
+    log.info("%s", message)
+    if notify_systemd:
+        notify("STOPPING=1")
