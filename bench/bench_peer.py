@@ -13,7 +13,8 @@ from __future__ import annotations
 import ipaddress
 import timeit
 
-from fastknock.knockd.peer import key_of, source_of
+from fastknock.knockd.limits import source_of
+from fastknock.knockd.peer import key_of
 
 N = 200_000
 

@@ -45,3 +45,8 @@ cdef class KeyRing:
     # check_raw that also stores the user's index (into ids/keys/users) on success.
     cdef int check_index(self, const unsigned char *data, Py_ssize_t n,
                          unsigned int allowed_ops, Py_ssize_t *index) noexcept nogil
+    # Constant-time: 1 if auth (32 bytes) is the AUTH of head (20 bytes) and challenge
+    # under the key of the user at index i (0 <= i < n), else 0.
+    cdef bint verify_index(self, Py_ssize_t i, const unsigned char *head,
+                           const unsigned char *challenge,
+                           const unsigned char *auth) noexcept nogil

@@ -317,6 +317,11 @@ cdef class KeyRing:
         index[0] = i
         return REASON_OK
 
+    cdef bint verify_index(self, Py_ssize_t i, const unsigned char *head,
+                           const unsigned char *challenge,
+                           const unsigned char *auth) noexcept nogil:
+        return _verify52(self.states[i], head, challenge, auth)
+
     def check(self, data, unsigned int allowed_ops=DEFAULT_ALLOWED_OPS):
         """Parse and authenticate (zero challenge) the first datagram of a session."""
         cdef Py_buffer view

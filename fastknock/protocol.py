@@ -12,8 +12,10 @@ Server rules, in order, for one control session (PROTOCOL.md "Flow"):
   2. Unknown USER -> fail. Bad AUTH over the zero challenge -> fail. Now *basic-auth*.
   3. Unknown RESOURCE, a resource whose ``users:`` excludes USER, a port resource on port 0 or
      on the control port -> fail.
-  4. Send CHALLENGE with a fresh random token, wait for RESPONSE; bad AUTH -> fail. Now
-     *full-auth*. The token is valid for this one session's one RESPONSE.
+  4. Send CHALLENGE with a fresh token, wait for RESPONSE; bad AUTH -> fail. Now
+     *full-auth*. The token is valid for this one session's one RESPONSE. (TCP: a random
+     token held by the session. UDP: a token computed from a rotating secret and the peer,
+     no state at all until a RESPONSE matches one: ``knockd/challenges.py``.)
   5. Ask the firewall to install (KNOCK) or remove (REVOKE) the lease. Failure -> fail.
   6. Send COMEIN. End.
 
@@ -22,9 +24,11 @@ Server rules, in order, for one control session (PROTOCOL.md "Flow"):
 
 Transitions (the one table; everything else is a failure):
 
-  server  (no session) --first msg passes rules 1-3--> CHALLENGED   [send CHALLENGE]
+  server  (no session) --first msg passes rules 1-3--> CHALLENGED   [send CHALLENGE]  (TCP)
           CHALLENGED   --same bytes as first msg-->    CHALLENGED   [re-send same CHALLENGE]
           CHALLENGED   --valid RESPONSE-->             FIREWALL     [FirewallRequest]
+          (no session) --first msg passes rules 1-3--> (no session) [send computed CHALLENGE] (UDP)
+          (no session) --RESPONSE matches a token-->   FIREWALL     [FirewallRequest]  (UDP)
           FIREWALL     --firewall ok-->                CLOSED ok    [send COMEIN]
   client  IDLE --start()--> AWAIT_CHALLENGE --CHALLENGE--> AWAIT_COMEIN --COMEIN--> DONE
 
@@ -74,6 +78,7 @@ class Outcome(enum.Enum):
     BAD_PORT = "bad-port"
     SEQUENCE = "sequence"  # later message with another op, user or resource
     RESPONSE_MAC = "response-mac"
+    REPLAY = "replay"  # UDP: a RESPONSE for a token that was used already
     FIREWALL = "firewall"
     TIMEOUT = "timeout"
 
@@ -153,6 +158,7 @@ class ServerSettings:
     control_port: int
     policy: ErrorPolicy = ErrorPolicy.ALWAYS
     timeout: float = 5.0
+    users: tuple[int, ...] = ()  # the ids in [KEYS] (the key ring does not list them)
 
     @classmethod
     def from_config(cls, config: Config) -> ServerSettings:
@@ -162,6 +168,7 @@ class ServerSettings:
             control_port=config.port,
             policy=config.control_error_policy,
             timeout=config.control_timeout,
+            users=tuple(sorted(config.keys)),
         )
 
 
@@ -190,6 +197,15 @@ class ServerCore:
         A rejected datagram creates no state; under policy ``always`` it may still get a
         GOAWAY (built statelessly here).
         """
+        msg, events = self.first(data)
+        if msg is None:
+            return None, events
+        session = ServerSession(self, bytes(data), msg, peer, now)
+        return session, [Send(session.challenge_bytes)]
+
+    def first(self, data: bytes) -> tuple[Message | None, list[Event]]:
+        """Rules 1-3 for a first message: the message if it passes (now *basic-auth*), else
+        None and the events of the rejection (a GOAWAY if the policy allows, the end)."""
         reason, msg = self.settings.keyring.check(data, FIRST_OPS)
         if reason != Reason.OK or msg is None:
             user = resource = UNKNOWN_ID
@@ -199,15 +215,32 @@ class ServerCore:
                 resource = int.from_bytes(data[12:16], "big")
             closed = SessionClosed(_REASON_OUTCOME[Reason(reason)], None, user, resource)
             return None, [*self.goaway(AuthLevel.NONE, user, resource), closed]
+        outcome = self._check_resource(msg)
+        if outcome is not None:
+            closed = SessionClosed(outcome, Operation(msg.operation), msg.user, msg.resource)
+            return None, [*self.goaway(AuthLevel.BASIC, msg.user, msg.resource), closed]
+        return msg, []
 
-        op = Operation(msg.operation)
+    def authenticated(
+        self, op: Operation, msg: Message, peer: IPAddress, now: float
+    ) -> tuple[ServerSession | None, list[Event]]:
+        """A RESPONSE ``msg`` matched a stateless (UDP) token for ``op``: the session
+        starts *full-auth*, waiting for the firewall. Rule 3 is checked again (a reload
+        may have changed the resource since the CHALLENGE)."""
         outcome = self._check_resource(msg)
         if outcome is not None:
             closed = SessionClosed(outcome, op, msg.user, msg.resource)
-            return None, [*self.goaway(AuthLevel.BASIC, msg.user, msg.resource), closed]
+            return None, [*self.goaway(AuthLevel.FULL, msg.user, msg.resource), closed]
+        session = ServerSession(self, b"", msg, peer, now, op)
+        return session, [FirewallRequest(op, msg.user, msg.resource, peer)]
 
-        session = ServerSession(self, bytes(data), msg, peer, now)
-        return session, [Send(session.challenge_bytes)]
+    def refuse(self, outcome: Outcome, msg: Message | None) -> list[Event]:
+        """A message from a peer without state that is no valid first message and matches
+        no token: the end, with a GOAWAY only under policy ``always`` (state "none")."""
+        user = msg.user if msg is not None else UNKNOWN_ID
+        resource = msg.resource if msg is not None else UNKNOWN_ID
+        return [*self.goaway(AuthLevel.NONE, user, resource), SessionClosed(outcome, None, user,
+                resource)]  # fmt: skip
 
     def silent_peer(self) -> list[Event]:
         """No complete first message within the control timeout (a TCP peer that connected
@@ -217,6 +250,16 @@ class ServerCore:
             *self.goaway(AuthLevel.NONE, UNKNOWN_ID, UNKNOWN_ID),
             SessionClosed(Outcome.TIMEOUT),
         ]
+
+    def grants(self) -> frozenset[int]:
+        """Every (user << 32 | resource) that passes rule 3, for the C reader's table."""
+        s = self.settings
+        return frozenset(
+            user << 32 | rid
+            for user in s.users
+            for rid in s.resources
+            if not isinstance(admit(s.resources, s.keyring, s.control_port, user, rid), Refusal)
+        )
 
     def _check_resource(self, msg: Message) -> Outcome | None:
         s = self.settings
@@ -251,21 +294,36 @@ class ServerSession:
     )
 
     def __init__(
-        self, core: ServerCore, first: bytes, msg: Message, peer: IPAddress, now: float
+        self,
+        core: ServerCore,
+        first: bytes,
+        msg: Message,
+        peer: IPAddress,
+        now: float,
+        authenticated: Operation | None = None,
     ) -> None:
+        """A session that passed basic auth (``first``: its first message), or, with
+        ``authenticated`` (the operation a stateless token proved), one at full auth."""
         self._core = core
         self._first = first
-        self.operation = Operation(msg.operation)
         self.user = msg.user
         self.resource = msg.resource
         self.peer = peer
+        self.deadline = now + core.settings.timeout
+        if authenticated is not None:
+            self.operation = authenticated
+            self.level = AuthLevel.FULL
+            self._token = ZERO_CHALLENGE
+            self.challenge_bytes = b""
+            self.state = ServerState.FIREWALL
+            return
+        self.operation = Operation(msg.operation)
         self.level = AuthLevel.BASIC
         self._token = core.rand(AUTH_SIZE)
         self.challenge_bytes = _pack(
             Operation.CHALLENGE, self.user, self.resource, core.rand(SALT_SIZE), self._token
         )
         self.state = ServerState.CHALLENGED
-        self.deadline = now + core.settings.timeout
 
     def __repr__(self) -> str:  # no token, no key material
         return (

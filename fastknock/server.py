@@ -32,6 +32,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 
 from fastknock import __version__, ipc
@@ -42,7 +43,7 @@ from fastknock.knockd import counters as knockd_counters
 from fastknock.knockd import fwdlink, recv, workers
 from fastknock.knockd.control import Controller, TcpProtocol, UdpProtocol
 from fastknock.knockd.endpoint import Endpoint
-from fastknock.knockd.limits import Limits
+from fastknock.knockd.limits import Budgets
 from fastknock.message import Operation
 from fastknock.osutil import metrics, privs, seccomp, systemd
 from fastknock.protocol import FirewallRequest, ServerSettings
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_SESSIONS,
         metavar="N",
-        help=f"maximum concurrent control sessions (default: {DEFAULT_MAX_SESSIONS})",
+        help="maximum concurrent authenticated sessions, for UDP and for TCP each "
+        f"(default: {DEFAULT_MAX_SESSIONS})",
     )
     p.add_argument(
         "-N",
@@ -96,7 +98,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_PER_SOURCE,
         metavar="N",
         help="maximum concurrent sessions per source: IPv4 address or IPv6 /56 "
-        f"(default: {DEFAULT_MAX_PER_SOURCE})",
+        f"(default: {DEFAULT_MAX_PER_SOURCE}); per IPv6 /48: 4 times as many",
+    )
+    p.add_argument(
+        "--tcp-preauth-max",
+        type=int,
+        default=128,
+        metavar="N",
+        help="TCP connections that have not proved the key yet, in all; when full, the "
+        "oldest is closed for a new one (default: 128)",
+    )
+    p.add_argument(
+        "--tcp-preauth-per-source",
+        type=int,
+        default=4,
+        metavar="N",
+        help="such connections per source (IPv4 address or IPv6 /56; per /48: 4 times as "
+        "many); past it a new one is refused (default: 4)",
+    )
+    p.add_argument(
+        "--tcp-preauth-timeout",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="a TCP connection must send its first message within this time "
+        "(default: 1.0; at most the control timeout)",
     )
     p.add_argument("--no-systemd", action="store_true", help="ignore systemd socket activation")
     p.add_argument(
@@ -225,8 +251,14 @@ def _bind_control(config: Config, reuseport: bool = False) -> Sockets:
 async def serve(config: Config, args: argparse.Namespace, socks: Sockets, worker: int = 0) -> None:
     """Serve on the bound (or systemd-passed) ``socks`` until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
-    limits = Limits(args.num_connections, args.num_ip_connections)
-    endpoint = Endpoint(ServerSettings.from_config(config), limits, os.urandom)
+    budgets = Budgets.default(
+        args.num_connections,
+        args.num_ip_connections,
+        args.tcp_preauth_max,
+        args.tcp_preauth_per_source,
+        args.tcp_preauth_timeout,
+    )
+    endpoint = Endpoint(ServerSettings.from_config(config), budgets, os.urandom, time.monotonic())
     link = FwdLink(ipc.socket_path(args.rundir), config.checksum)
     controller = Controller(endpoint, link)
     stop = asyncio.Event()
@@ -246,7 +278,7 @@ async def serve(config: Config, args: argparse.Namespace, socks: Sockets, worker
         info = {"version": __version__, "udp_path": args.udp_path, "reader": recv.IMPLEMENTATION}
         writer = metrics.MetricsWriter(
             metrics.worker_path(args.metrics_file, worker, args.workers),
-            lambda: knockd_counters.families(controller.counters, limits.total, info),
+            lambda: knockd_counters.families(controller.counters, budgets.active, info),
             args.metrics_interval,
             (("worker", str(worker)),) if args.workers > 1 else (),
         )
@@ -398,8 +430,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if config.debug and not args.verbose:
         logging.getLogger().setLevel(logging.DEBUG)
-    if args.num_connections < 1 or args.num_ip_connections < 1:
-        print("fastknockd: -n and -N must be at least 1", file=sys.stderr)
+    if min(args.num_connections, args.num_ip_connections, args.tcp_preauth_max,
+           args.tcp_preauth_per_source) < 1:  # fmt: skip
+        print("fastknockd: -n, -N and the --tcp-preauth caps must be at least 1", file=sys.stderr)
+        return 2
+    if not 0 < args.tcp_preauth_timeout < 3600:
+        print("fastknockd: --tcp-preauth-timeout must be a positive number of seconds",
+              file=sys.stderr)  # fmt: skip
         return 2
     args.seccomp_mode = args.seccomp or config.seccomp.value
     if args.seccomp_mode != "off":

@@ -14,14 +14,13 @@ import pytest
 from fastknock.conf.config import ErrorPolicy, PortResource
 from fastknock.knockd.counters import Count
 from fastknock.knockd.endpoint import (
-    MAX_QUEUED,
     AskFirewall,
     Endpoint,
     SendDatagram,
     StreamClose,
     StreamWrite,
 )
-from fastknock.knockd.limits import Limits
+from fastknock.knockd.limits import Budgets, Limits
 from fastknock.knockd.peer import key_of, key_of_ip
 from fastknock.mac import HmacKey, KeyRing
 from fastknock.message import Operation
@@ -58,9 +57,23 @@ def addr(host: str = "192.0.2.1", port: int = 4000) -> tuple:
     return (host, port)
 
 
+def next_deadline(ep: Endpoint) -> float:
+    """The earliest session deadline (``next_timer`` may be a secret rotation first)."""
+    return min(slot.deadline for slot in ep.sessions())
+
+
 def one(actions: list, kind: type) -> object:
     assert [type(a) for a in actions] == [kind], actions
     return actions[0]
+
+
+def knock_udp(ep: Endpoint, c: ClientSession, a: tuple, now: float = 0.0) -> AskFirewall:
+    """KNOCK -> computed CHALLENGE -> RESPONSE: returns the firewall request."""
+    ep.receive_datagram(c.start(), key_of(a), a, now)
+    challenge = one(ep.actions(), SendDatagram)
+    assert challenge.addr == a
+    ep.receive_datagram(c.receive(challenge.data).send, key_of(a), a, now + 0.5)
+    return one(ep.actions(), AskFirewall)
 
 
 def test_udp_knock_end_to_end_in_memory() -> None:
@@ -69,100 +82,117 @@ def test_udp_knock_end_to_end_in_memory() -> None:
     key = key_of(a)
     ep.receive_datagram(c.start(), key, a, 0.0)
     challenge = one(ep.actions(), SendDatagram)
-    assert challenge.addr == a and ep.udp_peers == 1 and seen == [(key, True)]
+    # Stateless: a CHALLENGE went out, and nothing at all is kept for the peer.
+    assert ep.udp_peers == 0 and ep.limits.total == 0 and seen == []
+    assert ep.counters[Count.CHALLENGES] == 1 and ep.counters[Count.SESSIONS] == 0
     ep.receive_datagram(c.receive(challenge.data).send, key, a, 1.0)
     ask = one(ep.actions(), AskFirewall)
     assert ask.request.operation is Operation.KNOCK and str(ask.request.peer) == "192.0.2.1"
-    assert ask.deadline == 1.0 + TIMEOUT
+    assert ask.deadline == 1.0 + TIMEOUT and seen == [(key, True)] and ep.udp_peers == 1
     ep.firewall_done(ask.ticket, True, 1.5)
     comein = one(ep.actions(), SendDatagram)
     assert c.receive(comein.data).done
     assert ep.udp_peers == 0 and ep.limits.total == 0 and seen[-1] == (key, False)
     assert ep.counters[Count.KNOCKED] == 1 and ep.counters[Count.OUTCOME_OK] == 1
     assert ep.counters[Count.RECEIVED] == 2 and ep.counters[Count.SESSIONS] == 1
-    assert ep.next_timer() is None
 
 
-def test_deadline_is_exact_and_frees_the_slot() -> None:
-    ep, seen = endpoint()
-    a = addr()
-    ep.receive_datagram(client().start(), key_of(a), a, 10.0)
-    ep.actions()
-    assert ep.next_timer() == 10.0 + TIMEOUT
-    ep.handle_timer(10.0 + TIMEOUT - 0.001)
-    assert ep.udp_peers == 1 and ep.actions() == []
-    ep.handle_timer(10.0 + TIMEOUT)
-    assert ep.udp_peers == 0 and ep.limits.total == 0
-    assert ep.counters[Count.OUTCOME_TIMEOUT] == 1 and ep.next_timer() is None
-    goaway = one(ep.actions(), SendDatagram)  # the session had passed basic auth
-    assert int.from_bytes(goaway.data[4:8], "big") == Operation.GOAWAY
-    assert seen[-1][1] is False
-
-
-def test_retransmitted_knock_gets_the_same_challenge() -> None:
+def test_revoke_token_does_not_answer_for_a_knock() -> None:
+    """The token binds the operation: a REVOKE's RESPONSE asks for a revoke."""
     ep, _ = endpoint()
-    c, a = client(), addr()
-    first = c.start()
-    ep.receive_datagram(first, key_of(a), a, 0.0)
-    ep.receive_datagram(first, key_of(a), a, 1.0)
-    one_, two = ep.actions()
-    assert one_ == two and ep.counters[Count.SESSIONS] == 1
+    ask = knock_udp(ep, client(Operation.REVOKE), addr())
+    assert ask.request.operation is Operation.REVOKE
 
 
-def test_caps_in_all_and_per_source_refuse_the_newest() -> None:
+def test_a_replayed_knock_from_many_addresses_holds_no_slot() -> None:
+    """The lock-out of issue 10: one captured KNOCK from 5,000 sources. Every copy gets its
+    computed CHALLENGE and nothing is kept, so a legitimate knock afterwards (and during)
+    goes through; the no-attack control is the same knock on a fresh endpoint."""
+    for attack in (False, True):
+        ep, seen = endpoint(total=64, per=8)
+        captured = client().start()
+        if attack:
+            for i in range(5000):
+                host = f"10.{i // 250}.{i % 250}.1"
+                ep.receive_datagram(captured, key_of((host, 1000 + i)), (host, 1000 + i), 1.0)
+            assert ep.counters[Count.CHALLENGES] == 5000 and len(ep.actions()) == 5000
+        assert ep.udp_peers == 0 and ep.limits.total == 0 and seen == []
+        ask = knock_udp(ep, client(), addr("192.0.2.77"), 2.0)
+        ep.firewall_done(ask.ticket, True, 2.6)
+        ep.actions()
+        assert ep.counters[Count.KNOCKED] == 1
+
+
+def test_caps_count_authenticated_sessions_only() -> None:
     ep, _ = endpoint(total=3, per=2)
-    knock = client().start()
-    for port in (1, 2, 3):  # one IPv4 source: the third is over its cap
-        ep.receive_datagram(knock, key_of(addr(port=port)), addr(port=port), 0.0)
-    assert ep.udp_peers == 2 and ep.counters[Count.DROPPED_LIMITS] == 1
-    # IPv6: one /56 is one source; another /56 is another
-    for host in ("2001:db8:0:1::1", "2001:db8:0:2::1"):
-        ep.receive_datagram(knock, key_of((host, 9, 0, 0)), (host, 9, 0, 0), 0.0)
-    assert ep.udp_peers == 3 and ep.counters[Count.DROPPED_LIMITS] == 2  # the total binds
-    ep.handle_timer(TIMEOUT)
-    assert ep.udp_peers == 0 and ep.limits.total == 0 and ep.limits.sources == 0
+    asks = [knock_udp(ep, client(), addr(port=p)) for p in (1, 2)]
+    c3, a3 = client(), addr(port=3)  # same IPv4 source: over its cap of 2
+    ep.receive_datagram(c3.start(), key_of(a3), a3, 0.0)
+    response = c3.receive(one(ep.actions(), SendDatagram).data).send
+    ep.receive_datagram(response, key_of(a3), a3, 0.1)
+    assert ep.actions() == [] and ep.counters[Count.DROPPED_LIMITS] == 1
+    for ask in asks:
+        ep.firewall_done(ask.ticket, True, 0.2)
+    ep.actions()
+    ep.receive_datagram(response, key_of(a3), a3, 0.3)  # the token was not spent: retry works
+    assert isinstance(one(ep.actions(), AskFirewall), AskFirewall)
 
 
 def test_ipv6_sources_share_a_cap_per_56() -> None:
     ep, _ = endpoint(per=1)
-    knock = client().start()
     a1, a2 = ("2001:db8:0:ff::1", 9, 0, 0), ("2001:db8:0:1::2", 9, 0, 0)
-    ep.receive_datagram(knock, key_of(a1), a1, 0.0)
-    ep.receive_datagram(knock, key_of(a2), a2, 0.0)
+    knock_udp(ep, client(), a1)
+    c2 = client()
+    ep.receive_datagram(c2.start(), key_of(a2), a2, 0.0)
+    ep.receive_datagram(c2.receive(ep.actions()[0].data).send, key_of(a2), a2, 0.1)
     assert ep.udp_peers == 1 and ep.counters[Count.DROPPED_LIMITS] == 1
 
 
-def test_datagrams_queue_while_the_firewall_works() -> None:
-    ep, _ = endpoint()
+def test_unfit_datagrams_never_disturb_an_authenticated_session() -> None:
+    """Junk, a replayed RESPONSE or a KNOCK with the session's (spoofable) address and port
+    while its firewall request is in flight: dropped and counted; the session completes."""
+    ep, _ = endpoint(ErrorPolicy.ALWAYS)
     c, a = client(), addr()
-    key = key_of(a)
-    ep.receive_datagram(c.start(), key, a, 0.0)
+    ask = knock_udp(ep, c, a)
+    for data in (os.urandom(56), bytes(56), client().start(), c.first):
+        ep.receive_datagram(data, key_of(a), a, 0.7)
+    assert ep.actions() == [] and ep.counters[Count.DROPPED_UNFIT] == 4
+    ep.firewall_done(ask.ticket, True, 0.8)
+    assert c.receive(one(ep.actions(), SendDatagram).data).done
+    assert ep.counters[Count.KNOCKED] == 1
+
+
+def test_a_replayed_response_changes_the_firewall_once() -> None:
+    ep, _ = endpoint(ErrorPolicy.ALWAYS)
+    c, a = client(), addr()
+    ep.receive_datagram(c.start(), key_of(a), a, 0.0)
     response = c.receive(one(ep.actions(), SendDatagram).data).send
-    ep.receive_datagram(response, key, a, 0.1)
-    ask = one(ep.actions(), AskFirewall)
-    for _ in range(MAX_QUEUED + 3):
-        ep.receive_datagram(response, key, a, 0.2)
-    (slot,) = ep.sessions()
-    assert slot.busy and len(slot.queue) == MAX_QUEUED
-    assert ep.counters[Count.DROPPED_QUEUE] == 3
-    ep.firewall_done(ask.ticket, True, 0.3)
-    assert isinstance(ep.actions()[0], SendDatagram)  # COMEIN; the queue dies with it
-    assert ep.udp_peers == 0
+    ep.receive_datagram(response, key_of(a), a, 0.1)
+    ep.firewall_done(one(ep.actions(), AskFirewall).ticket, True, 0.2)
+    ep.actions()
+    for when in (0.3, 3.0):  # the same bytes again, later, after the session ended
+        ep.receive_datagram(response, key_of(a), a, when)
+        goaway = one(ep.actions(), SendDatagram)  # policy always: a GOAWAY, no firewall
+        assert int.from_bytes(goaway.data[4:8], "big") == Operation.GOAWAY
+    assert ep.counters[Count.OUTCOME_REPLAY] == 2 and ep.counters[Count.KNOCKED] == 1
 
 
 def test_firewall_failure_and_timeout_during_the_request() -> None:
     ep, _ = endpoint(ErrorPolicy.ALWAYS)
-    c, a = client(), addr()
-    key = key_of(a)
-    ep.receive_datagram(c.start(), key, a, 0.0)
-    ep.receive_datagram(c.receive(ep.actions()[0].data).send, key, a, 1.0)
-    ask = one(ep.actions(), AskFirewall)
-    ep.handle_timer(1.0 + TIMEOUT)  # the firewall took too long: GOAWAY, slot freed
+    ask = knock_udp(ep, client(), addr(), 1.0)
+    ep.handle_timer(1.5 + TIMEOUT)  # the firewall took too long: GOAWAY, slot freed
     goaway = one(ep.actions(), SendDatagram)
     assert int.from_bytes(goaway.data[4:8], "big") == Operation.GOAWAY
     assert ep.udp_peers == 0 and ep.counters[Count.OUTCOME_TIMEOUT] == 1
     ep.firewall_done(ask.ticket, False, 7.0)  # the late answer changes nothing more
     assert ep.actions() == [] and ep.counters[Count.FIREWALL_ERRORS] == 1
+
+
+def test_next_timer_is_the_next_secret_rotation_when_idle() -> None:
+    ep, _ = endpoint()
+    ep.handle_timer(100.0)
+    assert ep.next_timer() == ep.challenger.next_rotation
+    assert 100.0 < ep.next_timer() <= 100.0 + TIMEOUT
 
 
 def test_tcp_session_from_split_chunks() -> None:
@@ -192,8 +222,8 @@ def test_tcp_silent_peer_times_out(policy: ErrorPolicy) -> None:
     ep, _ = endpoint(policy)
     assert ep.tcp_connected(1, key_of(addr()), 0.0)
     ep.tcp_received(1, b"x" * 20, 0.5)  # part of a message only
-    assert ep.next_timer() == TIMEOUT
-    ep.handle_timer(TIMEOUT)
+    assert next_deadline(ep) == 1.0  # the pre-auth deadline
+    ep.handle_timer(1.0)
     actions = ep.actions()
     if policy is ErrorPolicy.ALWAYS:
         assert [type(x) for x in actions] == [StreamWrite, StreamClose]
@@ -217,36 +247,35 @@ def test_tcp_peer_that_hangs_up_during_the_firewall_request_is_still_counted() -
     assert ep.tcp_connections == 0 and ep.limits.total == 0
 
 
-def test_tcp_refused_past_the_caps_and_aborted_counted() -> None:
-    ep, _ = endpoint(total=1)
+def test_tcp_full_preauth_budget_evicts_the_oldest_and_aborted_counted() -> None:
+    ep = Endpoint(settings(), Budgets.default(preauth_max=1), os.urandom)
     assert ep.tcp_connected(1, key_of(addr()), 0.0)
-    assert not ep.tcp_connected(2, key_of(addr("192.0.2.9")), 0.0)
-    assert ep.counters[Count.DROPPED_LIMITS] == 1
-    ep.tcp_closed(1)
-    assert ep.counters[Count.TCP_ABORTED] == 1 and ep.limits.total == 0
+    assert ep.tcp_connected(2, key_of(addr("192.0.2.9")), 0.0)
+    assert ep.actions() == [StreamClose(1)]
+    assert ep.counters[Count.TCP_PREAUTH_EVICTED] == 1
+    ep.tcp_closed(2)
+    assert ep.counters[Count.TCP_ABORTED] == 1 and ep.budgets.active == 0
 
 
 def test_reload_applies_to_new_sessions_only() -> None:
     ep, _ = endpoint()
-    old_client, a = client(), addr()
-    ep.receive_datagram(old_client.start(), key_of(a), a, 0.0)
-    challenge = ep.actions()[0].data
-    ep.reload(settings(res=0x99))  # resource RES is gone for new sessions
-    ep.receive_datagram(old_client.receive(challenge).send, key_of(a), a, 0.1)
-    assert isinstance(one(ep.actions(), AskFirewall), AskFirewall)  # in flight: old rules
+    ask = knock_udp(ep, client(), addr())
+    ep.reload(settings(res=0x99))  # resource RES is gone for new knocks
+    ep.firewall_done(ask.ticket, True, 1.0)  # in flight: finishes on the old rules
+    assert ep.counters[Count.KNOCKED] == 1
+    ep.actions()
     b = addr(port=4001)
-    ep.receive_datagram(client().start(), key_of(b), b, 0.2)
+    ep.receive_datagram(client().start(), key_of(b), b, 1.2)
     goaway = one(ep.actions(), SendDatagram)
     assert int.from_bytes(goaway.data[4:8], "big") == Operation.GOAWAY
-    assert ep.counters[Count.OUTCOME_UNKNOWN_RESOURCE] == 1 and ep.udp_peers == 1
+    assert ep.counters[Count.OUTCOME_UNKNOWN_RESOURCE] == 1 and ep.udp_peers == 0
 
 
 def test_shutdown_forgets_everything() -> None:
     ep, seen = endpoint()
     a = addr()
-    ep.receive_datagram(client().start(), key_of(a), a, 0.0)
+    knock_udp(ep, client(), a)
     assert ep.tcp_connected(5, key_of(addr("192.0.2.8")), 0.0)
-    ep.actions()
     ep.shutdown()
     assert ep.actions() == [StreamClose(5)] and ep.counters[Count.TCP_CANCELLED] == 1
     assert ep.udp_peers == ep.tcp_connections == ep.limits.total == 0

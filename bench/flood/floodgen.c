@@ -2,18 +2,22 @@
  * floodgen: the flood generator and the C recvmmsg drain reference of bench/flood.
  *
  *   floodgen send --mode MODE --src A.B.C.D --dst A.B.C.D --port P --seconds S
- *                 [--ports N] [--user HEX] [--resource HEX] [--knock HEX112]
+ *                 [--ports N] [--sources N] [--user HEX] [--resource HEX] [--knock HEX112]
  *   floodgen drain --port P --seconds S
  *
  * send: IPv4 datagrams, 64 per sendmmsg call, for S seconds, from source address --src
  * (an address of the sending namespace) and source port 20000; with --ports N > 1 from
  * ports 20000 .. 20000+N-1 in turn, through a raw socket (IP_HDRINCL) that sets any
- * source port without binding N sockets. Payloads come from a pool of 4096 pre-built ones, so the generator spends
- * its time sending. Modes:
+ * source port without binding N sockets; with --sources N > 1 (raw socket too) from the
+ * addresses --src, --src + 1, ... --src + N - 1 (spoofed: the benchmark routes their
+ * replies back into the sending namespace, which drops them). Payloads come from a pool of
+ * 4096 pre-built ones, so the generator spends its time sending. Modes:
  *   junk       56 random bytes (wrong magic)
  *   wrongsize  100 random bytes
  *   forged     a KNOCK for a known --user/--resource with a random SALT and AUTH (bad MAC)
  *   replay     the captured valid KNOCK --knock (112 hex digits), identical every time
+ *   response   a RESPONSE for a known --user/--resource with a random SALT and AUTH (a
+ *              forged answer to a CHALLENGE nobody got)
  * Prints "sent=N seconds=T rate=R" on stdout.
  *
  * drain: a dual-stack UDP socket on --port drained with recvmmsg (64 per call, blocking
@@ -52,8 +56,9 @@ static void die(const char *what) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: floodgen send --mode junk|wrongsize|forged|replay --src A --dst A "
-                    "--port P --seconds S [--ports N] [--user HEX] [--resource HEX] "
+    fprintf(stderr, "usage: floodgen send --mode junk|wrongsize|forged|replay|response --src A "
+                    "--dst A --port P --seconds S [--ports N] [--sources N] [--user HEX] "
+                    "[--resource HEX] "
                     "[--knock HEX]\n       floodgen drain --port P --seconds S\n");
     exit(2);
 }
@@ -85,7 +90,7 @@ static int unhex(const char *s, uint8_t *out, size_t n) {
 
 static int do_send(int argc, char **argv) {
     const char *mode = NULL, *src = NULL, *dst = NULL, *knock = NULL;
-    int port = 0, nports = 1;
+    int port = 0, nports = 1, nsources = 1;
     double seconds = 0;
     uint32_t user = 1, resource = 0x22;
     for (int i = 2; i + 1 < argc; i += 2) {
@@ -94,6 +99,7 @@ static int do_send(int argc, char **argv) {
         else if (!strcmp(argv[i], "--dst")) dst = argv[i + 1];
         else if (!strcmp(argv[i], "--port")) port = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--ports")) nports = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--sources")) nsources = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--user")) user = (uint32_t)strtoul(argv[i + 1], NULL, 16);
         else if (!strcmp(argv[i], "--resource")) resource = (uint32_t)strtoul(argv[i + 1], NULL, 16);
@@ -101,7 +107,7 @@ static int do_send(int argc, char **argv) {
         else usage();
     }
     if (!mode || !src || !dst || port <= 0 || port > 65535 || seconds <= 0 || nports < 1 ||
-        nports > 40000)
+        nports > 40000 || nsources < 1 || nsources > 65536)
         usage();
     struct in_addr sa, da;
     if (inet_pton(AF_INET, src, &sa) != 1 || inet_pton(AF_INET, dst, &da) != 1) usage();
@@ -111,7 +117,8 @@ static int do_send(int argc, char **argv) {
     if (!strcmp(mode, "wrongsize")) paylen = 100;
     else if (!strcmp(mode, "replay")) {
         if (!knock || unhex(knock, knockbytes, 56)) usage();
-    } else if (strcmp(mode, "junk") && strcmp(mode, "forged")) usage();
+    } else if (strcmp(mode, "junk") && strcmp(mode, "forged") && strcmp(mode, "response"))
+        usage();
 
     static uint8_t pool[POOL][HDR + MAXPAY];
     size_t len = HDR + paylen;
@@ -128,9 +135,9 @@ static int do_send(int argc, char **argv) {
         p[24] = (8 + paylen) >> 8;     /* UDP length; checksum 0: none (IPv4) */
         p[25] = (8 + paylen) & 0xFF;
         for (size_t j = 0; j < paylen; j++) pay[j] = rnd8();
-        if (!strcmp(mode, "forged")) {
+        if (!strcmp(mode, "forged") || !strcmp(mode, "response")) {
             be32(pay, MAGIC);
-            be32(pay + 4, 0); /* KNOCK */
+            be32(pay + 4, strcmp(mode, "forged") ? 2 : 0); /* RESPONSE or KNOCK */
             be32(pay + 8, user);
             be32(pay + 12, resource);
         } else if (!strcmp(mode, "replay")) {
@@ -142,7 +149,7 @@ static int do_send(int argc, char **argv) {
 
     /* One source port: a connected UDP socket (the kernel's fastest send path). Many
      * source ports: a raw socket, patching the UDP source port of each datagram. */
-    int raw = nports > 1;
+    int raw = nports > 1 || nsources > 1;
     int fd = raw ? socket(AF_INET, SOCK_RAW, IPPROTO_RAW) : socket(AF_INET, SOCK_DGRAM, 0);
     if (fd < 0) die("socket");
     int sndbuf = 4 << 20;
@@ -168,7 +175,8 @@ static int do_send(int argc, char **argv) {
         msgs[i].msg_hdr.msg_namelen = raw ? sizeof(to) : 0;
     }
     unsigned long long sent = 0, errors = 0;
-    unsigned k = 0, pi = 0;
+    unsigned k = 0, pi = 0, si = 0;
+    uint32_t base = ntohl(sa.s_addr);
     double start = now(), end = start + seconds, t = start;
     while (t < end) {
         for (int i = 0; i < BATCH; i++) {
@@ -176,6 +184,10 @@ static int do_send(int argc, char **argv) {
             unsigned sport = 20000 + (pi++ % (unsigned)nports);
             slots[i][20] = sport >> 8;
             slots[i][21] = sport & 0xFF;
+            if (nsources > 1) {
+                uint32_t a = htonl(base + si++ % (unsigned)nsources);
+                memcpy(slots[i] + 12, &a, 4);
+            }
         }
         int n = sendmmsg(fd, msgs, BATCH, 0);
         if (n > 0) sent += n;

@@ -60,7 +60,8 @@ PORT = 5800
 USER = 0x00000001
 KEY = bytes.fromhex("80E9C81DFA4879B2C64910E1B6870DA42DFB82261B76C859F3A0F5A09DEA2A3D")
 RES = 0x00000022
-MODES = ("junk", "wrongsize", "forged", "replay")
+MODES = ("junk", "wrongsize", "forged", "replay", "replay-many", "response")
+SPOOF_BASE = "10.99.0.1"  # --sources: spoofed sources from here on, routed back to the client
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -290,14 +291,19 @@ class Bench:
                 results[i] = f.result()
         return results
 
-    def flood(self, mode: str, seconds: float, ports: int) -> subprocess.Popen[str]:
+    def flood(
+        self, mode: str, seconds: float, ports: int, sources: int = 1
+    ) -> subprocess.Popen[str]:
+        gen_mode = "replay" if mode == "replay-many" else mode
         argv = [
             self.floodgen,
             "send",
             "--mode",
-            mode,
+            gen_mode,
             "--src",
-            self.flood_src,
+            SPOOF_BASE if sources > 1 else self.flood_src,
+            "--sources",
+            str(sources),
             "--dst",
             self.dst,
             "--port",
@@ -323,11 +329,13 @@ class Bench:
         pids: Sequence[int],
         knocks: int,
         ports: int = 0,
+        sources: int = 0,
     ) -> Row:
         seconds = self.args.seconds
         ports = ports or (1000 if mode == "replay" else 1)
+        sources = sources or (self.args.sources if mode == "replay-many" else 1)
         snmp0, cpu0, t0 = self.snmp(pids[0]), self.cpu_ticks(pids), time.monotonic()
-        gen = self.flood(mode, seconds, ports)
+        gen = self.flood(mode, seconds, ports, sources)
         time.sleep(0.3)
         lat = self.knocks(knocks, max(seconds - 1.0, 0.5)) if knocks else []
         out, _ = gen.communicate(timeout=seconds + 30)
@@ -368,7 +376,8 @@ class Bench:
         return row
 
     def rss_replay(self) -> tuple[int, int, int, int]:
-        """(RSS before kB, RSS after kB, peak kB, datagrams sent): replay from 10,000 ports."""
+        """(RSS before kB, RSS after kB, peak kB, datagrams sent): replay from 10,000 source
+        addresses (and ports)."""
         pids = self.server_pids()
 
         def status(key: str) -> int:
@@ -378,7 +387,7 @@ class Bench:
             return 0
 
         before = status("VmRSS")
-        row = self.measure("batched (RSS)", "replay", False, pids, 0, ports=10000)
+        row = self.measure("batched (RSS)", "replay-many", False, pids, 0, 10000, 10000)
         time.sleep(2.5)  # sessions time out (control-timeout 2 s)
         return before, status("VmRSS"), status("VmHWM"), row.sent
 
@@ -387,16 +396,16 @@ def fmt(r: Row) -> str:
     knocks = f"{r.ok:>4}/{r.knocks:<4}" if r.knocks else "    -    "
     lat = f"{r.pct(0.5):7.2f} {r.pct(0.99):7.2f}" if r.knocks else "      -       -"
     return (
-        f"{r.path:<22} {r.mode:<9} {'on ' if r.prefilter else 'off'} "
+        f"{r.path:<22} {r.mode:<11} {'on ' if r.prefilter else 'off'} "
         f"{r.sent / r.seconds / 1e6:7.3f} {r.absorbed / 1e6:8.3f} {r.read / r.seconds / 1e6:7.3f} "
         f"{r.cpu:5.0f}% {r.cost:6.2f} {knocks} {lat}"
     )
 
 
 HEADER = (
-    f"{'receive path':<22} {'mode':<9} pf  {'sent':>7} {'absorbed':>8} {'read':>7} "
+    f"{'receive path':<22} {'mode':<11} pf  {'sent':>7} {'absorbed':>8} {'read':>7} "
     f"{'CPU':>6} {'us/dg':>6} {'legit OK':<9} {'p50 ms':>7} {'p99 ms':>7}\n"
-    f"{'':<22} {'':<9}     {'M/s':>7} {'M/s':>8} {'M/s':>7}"
+    f"{'':<22} {'':<11}     {'M/s':>7} {'M/s':>8} {'M/s':>7}"
 )
 
 
@@ -416,6 +425,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="flood seconds per measurement")
     ap.add_argument("--knocks", type=int, default=500, help="legitimate knocks per flood")
     ap.add_argument("--modes", default=",".join(MODES), help="flood modes, comma-separated")
+    ap.add_argument(
+        "--sources",
+        type=int,
+        default=1000,
+        help="spoofed source addresses of the replay-many mode (default: 1000)",
+    )
     args = ap.parse_args()
     if netns.missing() or shutil.which("cc") is None:
         print(f"bench/flood needs root, nft, ip and cc: {netns.missing() or 'no cc'}")
@@ -427,6 +442,12 @@ def main() -> int:
             check=True,
         )
         netns.load_ruleset(pair.server, netns.COMPAT_RULESET, netns.MYCHAINS)
+        # Replies to spoofed sources go back into the client namespace, which drops them.
+        netns.run(
+            pair.server,
+            ["ip", "route", "add", "10.99.0.0/16", "via", pair.client_v4[0]],
+            check=True,
+        )
         bench = Bench(pair, work, args)
         bench.replay = (
             ClientSession(HmacKey(KEY), USER, RES, Operation.KNOCK, os.urandom).start().hex()
@@ -479,7 +500,7 @@ def summary(rows: list[Row], rss: tuple[int, int, int, int]) -> None:
             o = get(other, mode)
             if b and o and o.absorbed:
                 print(
-                    f"  {mode:<9} batched / {other:<23} absorbed {b.absorbed / o.absorbed:5.2f}x"
+                    f"  {mode:<11} batched / {other:<23} absorbed {b.absorbed / o.absorbed:5.2f}x"
                     f"  absorbed share {b.share:4.0%} / {o.share:4.0%} = {b.share / o.share:5.2f}x"
                     f"  CPU/datagram {b.cost / o.cost:5.2f}x"
                 )
@@ -488,12 +509,12 @@ def summary(rows: list[Row], rss: tuple[int, int, int, int]) -> None:
         off, on = get("batched", mode), get("batched", mode, True)
         if off and on:
             print(
-                f"  {mode:<9} {off.ok}/{off.knocks} {off.pct(0.5):.2f}/{off.pct(0.99):.2f}"
+                f"  {mode:<11} {off.ok}/{off.knocks} {off.pct(0.5):.2f}/{off.pct(0.99):.2f}"
                 f" -> {on.ok}/{on.knocks} {on.pct(0.5):.2f}/{on.pct(0.99):.2f}"
             )
     before, after, peak, sent = rss
     print(
-        f"\nfastknockd RSS under a replay of a valid KNOCK from 10,000 source ports ({sent} "
+        f"\nfastknockd RSS under a replay of a valid KNOCK from 10,000 addresses ({sent} "
         f"datagrams, pre-filter off): before {before} kB, after {after} kB, peak {peak} kB"
     )
 

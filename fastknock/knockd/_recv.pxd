@@ -2,7 +2,9 @@
 # declared here so that a benchmark or a later extension can cimport the Reader.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
-from fastknock._hmac cimport KeyRing
+from libc.stdint cimport int64_t
+
+from fastknock._hmac cimport HmacKey, KeyRing
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -28,6 +30,7 @@ cdef extern from "<sys/socket.h>" nogil:
         pass
     int recvmmsg(int sockfd, mmsghdr *msgvec, unsigned int vlen, int flags,
                  timespec *timeout)
+    int sendmmsg(int sockfd, mmsghdr *msgvec, unsigned int vlen, int flags)
     enum:
         MSG_DONTWAIT
         AF_INET
@@ -37,7 +40,9 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef enum:
     RECV_BATCH = 64  # datagrams per recvmmsg call
     RECV_SLOT = 64  # bytes per datagram buffer: > 56, so msg_len == 56 means exactly 56
-    RECV_NREASONS = 6  # REASON_OK .. REASON_MAC
+    REASON_RESPONSE = 6  # a RESPONSE that matches no computed token (forged or stale)
+    RECV_NREASONS = 7  # REASON_OK .. REASON_RESPONSE
+    VERDICT_CHALLENGED = 7  # answered in C with a computed CHALLENGE (no Python object)
 
 # One live session's peer: the IPv6 (or IPv4-mapped) address and the port, network order;
 # the first 18 bytes are the peer key of ``fastknock.knockd.peer``.
@@ -54,6 +59,22 @@ cdef class Reader:
     cdef bint pass_rejects
     cdef object handler  # handler(data: bytes, key: bytes, addr: tuple) -> None
     cdef int budget  # recvmmsg calls per drain()
+
+    # Stateless challenges (fastknock.knockd.challenges): the current and previous epoch
+    # secrets, and the (user << 32 | resource) pairs that pass server rule 3, sorted.
+    cdef HmacKey cur
+    cdef HmacKey prev
+    cdef bint have_cur
+    cdef bint have_prev
+    cdef int64_t epoch
+    cdef unsigned long long *grants
+    cdef Py_ssize_t ngrants
+
+    # CHALLENGEs computed during one batch, sent with one sendmmsg after it.
+    cdef mmsghdr out_msgs[RECV_BATCH]
+    cdef iovec out_iov[RECV_BATCH]
+    cdef unsigned char out_bufs[RECV_BATCH][56]
+    cdef int nout
 
     cdef mmsghdr msgs[RECV_BATCH]
     cdef iovec iov[RECV_BATCH]
@@ -77,8 +98,15 @@ cdef class Reader:
     cdef uint64_t live_hits
     cdef uint64_t batches
     cdef uint64_t errors
+    cdef uint64_t challenged
+    cdef uint64_t send_dropped
 
     cdef void classify(self, int n) noexcept nogil
+    cdef int check_response(self, const unsigned char *buf,
+                            const sockaddr_storage *sa) noexcept nogil
+    cdef bint granted(self, uint32_t user, uint32_t resource) noexcept nogil
+    cdef void challenge(self, int i) noexcept nogil
+    cdef void send_challenges(self) noexcept nogil
     cdef bint live(self, const sockaddr_storage *sa) noexcept nogil
     cdef int hand_up(self, int i) except -1
     cdef Py_ssize_t _find(self, const peer_key *k) noexcept nogil

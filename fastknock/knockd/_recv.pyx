@@ -12,10 +12,18 @@ Design
   1. ``msg_len != 56`` -> drop (REASON_SIZE); a slot is bigger than 56 bytes, so 56
      means exactly 56.
   2. The peer (address, port) has a live session -> hand up (RESPONSEs, retransmits).
-  3. ``KeyRing.check_index`` (size, magic, operation, user, MAC over the zero challenge,
-     ``_hmac.pxd``) -> OK: hand up; else drop, counted by reason -- unless
-     ``pass_rejects`` (policy ``always`` sends GOAWAYs, or debug logging wants one line
-     per reject): then the rejection is handed up too and Python answers it.
+  3. ``pass_rejects`` (policy ``always`` sends GOAWAYs, or debug logging wants one line
+     per reject): hand up; Python checks and answers everything itself.
+  4. A RESPONSE (from a peer without a session): magic, known user, then the stateless
+     token check of ``fastknock.knockd.challenges`` -- the four candidate tokens (current
+     and previous epoch secret x KNOCK and REVOKE), each verified, no early exit. A match
+     -> hand up (Python re-checks it and spends the token); else drop (REASON_RESPONSE).
+  5. Else ``KeyRing.check_index`` (size, magic, operation, user, MAC over the zero
+     challenge, ``_hmac.pxd``): a KNOCK/REVOKE that passes and whose (user, resource)
+     passes rule 3 (the ``grants`` the endpoint computed) is answered here: its computed
+     CHALLENGE goes out with one ``sendmmsg`` per batch, and no Python object is made
+     (VERDICT_CHALLENGED). One that passes without a grant is handed up (Python refuses it
+     and answers as the policy says); one that fails is dropped, counted by reason.
   A datagram that would be dropped is still handed up if an earlier datagram of the
   same batch started a session for its peer (the order of the one-by-one path): after
   any ``track()`` during a batch, the rest of the batch re-checks the live set.
@@ -37,8 +45,19 @@ from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
-from fastknock._hmac cimport KeyRing
-from fastknock._wire cimport REASON_OK, REASON_SIZE, WIRE_MSG_SIZE
+from libc.stdint cimport int64_t
+
+from fastknock._hmac cimport HmacKey, KeyRing
+from fastknock._wire cimport (
+    REASON_MAGIC,
+    REASON_OK,
+    REASON_SIZE,
+    REASON_UNKNOWN_USER,
+    WIRE_MAGIC,
+    WIRE_MSG_SIZE,
+    load_be32,
+    store_be32,
+)
 
 import logging
 
@@ -48,8 +67,8 @@ log = logging.getLogger("fastknockd")
 
 # The names of take()'s fields, in order.
 COUNTERS = (
-    "dropped", "size", "magic", "operation", "unknown_user", "mac",
-    "handed_up", "live_hits", "batches", "errors",
+    "dropped", "size", "magic", "operation", "unknown_user", "mac", "response",
+    "handed_up", "live_hits", "batches", "errors", "challenged", "send_dropped",
 )
 
 
@@ -83,6 +102,23 @@ cdef enum:
     MIN_CAP = 64
     HOST_MAX = 64  # > INET6_ADDRSTRLEN (46)
     KEY_SIZE = 18  # fastknock.knockd.peer.KEY_SIZE: 16 address bytes, 2 port bytes
+    OP_KNOCK = 0
+    OP_CHALLENGE = 1
+    OP_RESPONSE = 2
+    OP_REVOKE = 5
+
+
+cdef inline void _token_input(unsigned char *head, unsigned char *chal, uint32_t op,
+                              const unsigned char *ids, int64_t epoch,
+                              const peer_key *k) noexcept nogil:
+    """The 52-byte PRF input of challenges.token: OP || USER || RESOURCE || EPOCH (head,
+    20 bytes) and ADDR || PORT || 0^14 (chal, 32 bytes); ids = USER || RESOURCE."""
+    store_be32(head, op)
+    memcpy(head + 4, ids, 8)
+    store_be32(head + 12, <uint32_t>((<uint64_t>epoch) >> 32))
+    store_be32(head + 16, <uint32_t>(<uint64_t>epoch))
+    memset(chal, 0, 32)
+    memcpy(chal, k, KEY_SIZE)
 
 
 cdef inline void _key_of(const sockaddr_storage *sa, peer_key *k) noexcept nogil:
@@ -133,6 +169,9 @@ cdef class Reader:
             raise ValueError("budget must be at least 1")
         self.ring = keyring
         self.handler = handler
+        self.have_cur = self.have_prev = False
+        self.grants = NULL
+        self.ngrants = 0
         self.pass_rejects = pass_rejects
         self.allowed_ops = allowed_ops
         self.budget = budget
@@ -147,15 +186,42 @@ cdef class Reader:
             self.msgs[i].msg_hdr.msg_iov = &self.iov[i]
             self.msgs[i].msg_hdr.msg_iovlen = 1
             self.msgs[i].msg_hdr.msg_name = &self.names[i]
+            self.out_iov[i].iov_base = self.out_bufs[i]
+            self.out_iov[i].iov_len = WIRE_MSG_SIZE
+            self.out_msgs[i].msg_hdr.msg_iov = &self.out_iov[i]
+            self.out_msgs[i].msg_hdr.msg_iovlen = 1
 
     def __dealloc__(self):
         PyMem_Free(self.table)
+        PyMem_Free(self.grants)
 
     # -- configuration (a config reload swaps the key ring and the policy) --
 
     def configure(self, KeyRing keyring not None, bint pass_rejects):
         self.ring = keyring
         self.pass_rejects = pass_rejects
+
+    def set_secrets(self, HmacKey current not None, int64_t epoch, HmacKey previous):
+        """The challenge secrets of the current epoch (and the previous one, or None)."""
+        self.cur = current
+        self.epoch = epoch
+        self.have_cur = True
+        self.prev = previous if previous is not None else current
+        self.have_prev = previous is not None
+
+    def set_grants(self, grants):
+        """The (user << 32 | resource) pairs that pass server rule 3."""
+        cdef list values = sorted(set(int(g) for g in grants))
+        cdef Py_ssize_t i, n = len(values)
+        cdef unsigned long long *arr = <unsigned long long *>PyMem_Calloc(
+            max(n, 1), sizeof(unsigned long long))
+        if arr == NULL:
+            raise MemoryError()
+        for i in range(n):
+            arr[i] = values[i]
+        PyMem_Free(self.grants)
+        self.grants = arr
+        self.ngrants = n
 
     @property
     def keyring(self):
@@ -259,6 +325,8 @@ cdef class Reader:
     cdef void classify(self, int n) noexcept nogil:
         cdef int i, reason
         cdef Py_ssize_t index
+        cdef const unsigned char *buf
+        self.nout = 0
         for i in range(n):
             if self.msgs[i].msg_len != WIRE_MSG_SIZE:
                 self.verdict[i] = REASON_SIZE
@@ -270,9 +338,90 @@ cdef class Reader:
             if self.pass_rejects:  # Python answers rejections too: it checks them itself
                 self.verdict[i] = REASON_OK
                 continue
-            reason = self.ring.check_index(self.bufs[i], WIRE_MSG_SIZE, self.allowed_ops,
-                                           &index)
+            buf = self.bufs[i]
+            if load_be32(buf + 4) == OP_RESPONSE:
+                self.verdict[i] = <uint8_t>self.check_response(buf, &self.names[i])
+                continue
+            reason = self.ring.check_index(buf, WIRE_MSG_SIZE, self.allowed_ops, &index)
+            if reason == REASON_OK and self.have_cur and self.granted(
+                    load_be32(buf + 8), load_be32(buf + 12)):
+                self.challenge(i)
+                self.verdict[i] = VERDICT_CHALLENGED
+                continue
             self.verdict[i] = <uint8_t>reason
+
+    cdef int check_response(self, const unsigned char *buf,
+                            const sockaddr_storage *sa) noexcept nogil:
+        cdef Py_ssize_t user
+        cdef peer_key k
+        cdef unsigned char head[20]
+        cdef unsigned char chal[32]
+        cdef unsigned char tok[32]
+        cdef uint32_t ops[2]
+        cdef int e, j
+        cdef bint ok = False
+        if load_be32(buf) != WIRE_MAGIC:
+            return REASON_MAGIC
+        user = self.ring.index(load_be32(buf + 8))
+        if user < 0:
+            return REASON_UNKNOWN_USER
+        if not self.have_cur:
+            return REASON_RESPONSE
+        _key_of(sa, &k)
+        ops[0] = OP_KNOCK
+        ops[1] = OP_REVOKE
+        for e in range(2):  # every candidate is computed and verified: no early exit
+            for j in range(2):
+                _token_input(head, chal, ops[j], buf + 8, self.epoch - e, &k)
+                if e == 0:
+                    self.cur.sign_raw(head, chal, tok)
+                else:  # without a previous secret, prev is cur: same work, masked below
+                    self.prev.sign_raw(head, chal, tok)
+                ok |= self.ring.verify_index(user, buf + 4, tok, buf + 24) and (
+                    e == 0 or self.have_prev)
+        return REASON_OK if ok else REASON_RESPONSE
+
+    cdef bint granted(self, uint32_t user, uint32_t resource) noexcept nogil:
+        cdef unsigned long long want = ((<unsigned long long>user) << 32) | resource
+        cdef Py_ssize_t lo = 0, hi = self.ngrants, mid
+        while lo < hi:
+            mid = lo + ((hi - lo) >> 1)
+            if self.grants[mid] < want:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo < self.ngrants and self.grants[lo] == want
+
+    cdef void challenge(self, int i) noexcept nogil:
+        """Queue the computed CHALLENGE for datagram i (a KNOCK/REVOKE that passed)."""
+        cdef const unsigned char *buf = self.bufs[i]
+        cdef unsigned char *out = self.out_bufs[self.nout]
+        cdef peer_key k
+        cdef unsigned char head[20]
+        cdef unsigned char chal[32]
+        _key_of(&self.names[i], &k)
+        _token_input(head, chal, load_be32(buf + 4), buf + 8, self.epoch, &k)
+        self.cur.sign_raw(head, chal, out + 24)  # the token is the AUTH field
+        store_be32(out, WIRE_MAGIC)
+        store_be32(out + 4, OP_CHALLENGE)
+        memcpy(out + 8, buf + 8, 8)  # USER || RESOURCE
+        memcpy(out + 16, out + 24, 8)  # SALT = token[:8]
+        self.out_msgs[self.nout].msg_hdr.msg_name = &self.names[i]
+        self.out_msgs[self.nout].msg_hdr.msg_namelen = self.msgs[i].msg_hdr.msg_namelen
+        self.nout += 1
+        self.challenged += 1
+
+    cdef void send_challenges(self) noexcept nogil:
+        cdef int done = 0, sent
+        while done < self.nout:
+            sent = sendmmsg(self.fd, &self.out_msgs[done], self.nout - done, MSG_DONTWAIT)
+            if sent < 0:
+                if errno == EINTR:
+                    continue
+                self.send_dropped += self.nout - done  # full send buffer: clients retry
+                break
+            done += sent
+        self.nout = 0
 
     cdef int hand_up(self, int i) except -1:
         cdef peer_key k
@@ -305,6 +454,8 @@ cdef class Reader:
                 err = errno
                 if n > 0:
                     self.classify(n)
+                    if self.nout:
+                        self.send_challenges()
             if n < 0:
                 if err == EINTR:
                     continue
@@ -316,14 +467,15 @@ cdef class Reader:
             tracks = self.tracks
             for i in range(n):
                 reason = self.verdict[i]
-                if reason > REASON_SIZE and self.tracks != tracks and self.live(&self.names[i]):
+                if (reason > REASON_SIZE and reason != VERDICT_CHALLENGED
+                        and self.tracks != tracks and self.live(&self.names[i])):
                     # A session of this peer started earlier in this batch: what comes
                     # after its first datagram is the session's, as on the one-by-one path.
                     reason = REASON_OK
                     self.live_hits += 1
                 if reason == REASON_OK:
                     self.hand_up(i)
-                else:
+                elif reason != VERDICT_CHALLENGED:
                     self.dropped += 1
                     self.reasons[reason] += 1
             if n < RECV_BATCH:
@@ -334,10 +486,11 @@ cdef class Reader:
         """Counter deltas since the last call, in ``COUNTERS`` order; resets them."""
         out = (
             self.dropped, self.reasons[1], self.reasons[2], self.reasons[3],
-            self.reasons[4], self.reasons[5], self.handed, self.live_hits, self.batches,
-            self.errors,
+            self.reasons[4], self.reasons[5], self.reasons[6], self.handed, self.live_hits,
+            self.batches, self.errors, self.challenged, self.send_dropped,
         )
         self.dropped = self.handed = self.live_hits = self.batches = self.errors = 0
+        self.challenged = self.send_dropped = 0
         memset(self.reasons, 0, sizeof(self.reasons))
         return out
 

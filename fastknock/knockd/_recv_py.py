@@ -8,9 +8,12 @@ Design
   hash set, and the key ring's Python-level ``check`` instead of the C entry. It is what runs with
   ``FASTKNOCK_NO_EXTENSIONS=1`` and the oracle the differential tests compare against.
 * Decisions, per datagram, in this order: not 56 bytes -> drop ("size"); the peer key was
-  ``track()``ed (a live session) and not ``untrack()``ed since -> hand up;
-  ``keyring.check`` passes -> hand up; else hand up anyway if ``pass_rejects``, or drop
-  counted by reason.
+  ``track()``ed (a live session) and not ``untrack()``ed since -> hand up; ``pass_rejects``
+  -> hand up; a RESPONSE -> hand up if it answers one of the four candidate tokens
+  (``challenges.token``, the one Python statement of the formula), else drop ("magic",
+  "unknown_user" or "response"); else ``keyring.check``: fails -> drop counted by reason;
+  passes with a grant -> answer with the computed CHALLENGE here ("challenged"); passes
+  without one -> hand up.
 * ``drain`` reads at most ``budget * 64`` datagrams per call, like the C reader's
   ``budget`` recvmmsg batches, so a flood cannot starve the event loop.
 """
@@ -21,8 +24,9 @@ import logging
 import socket
 from collections.abc import Callable
 
+from fastknock.knockd.challenges import challenge_bytes, token
 from fastknock.knockd.peer import KEY_SIZE, key_of
-from fastknock.message import MSG_SIZE, Reason
+from fastknock.message import MAGIC, MSG_SIZE, Operation, Reason
 
 __all__ = ["COUNTERS", "Reader"]
 
@@ -35,11 +39,16 @@ COUNTERS: tuple[str, ...] = (
     "operation",
     "unknown_user",
     "mac",
+    "response",
     "handed_up",
     "live_hits",
     "batches",
     "errors",
+    "challenged",
+    "send_dropped",
 )
+_MAGIC = MAGIC.to_bytes(4, "big")
+_RESPONSE = Operation.RESPONSE.to_bytes(4, "big")
 BATCH = 64
 _READ_SIZE = 64  # > 56: a datagram read whole as 56 bytes is exactly 56 bytes long
 _REASON_FIELD = {
@@ -78,12 +87,22 @@ class Reader:
         self._allowed_ops = allowed_ops
         self._budget = budget
         self._counts = dict.fromkeys(COUNTERS, 0)
+        self._secrets: tuple[object, int, object] | None = None
+        self._grants: frozenset[int] = frozenset()
 
     def configure(self, keyring: object, pass_rejects: bool) -> None:
         if keyring is None:
             raise TypeError("keyring must not be None")
         self._ring = keyring
         self._pass_rejects = pass_rejects
+
+    def set_secrets(self, current: object, epoch: int, previous: object) -> None:
+        if current is None:
+            raise TypeError("current must not be None")
+        self._secrets = (current, epoch, previous)
+
+    def set_grants(self, grants: object) -> None:
+        self._grants = frozenset(int(g) for g in grants)  # type: ignore[attr-defined]
 
     @property
     def keyring(self) -> object:
@@ -125,10 +144,13 @@ class Reader:
                 if key in live:
                     counts["live_hits"] += 1
                 elif not self._pass_rejects:
-                    reason, _msg = check(data, self._allowed_ops)
-                    if reason != Reason.OK:
+                    verdict = self._decide(data, key, addr, check)
+                    if verdict == "challenged":
+                        counts["challenged"] += 1
+                        continue
+                    if verdict is not None:
                         counts["dropped"] += 1
-                        counts[_REASON_FIELD[Reason(reason)]] += 1
+                        counts[verdict] += 1
                         continue
                 counts["handed_up"] += 1
                 try:
@@ -142,6 +164,43 @@ class Reader:
             if got < BATCH:
                 break
         return total
+
+    def _decide(self, data: bytes, key: bytes, addr: tuple, check: object) -> str | None:
+        """None: hand up; "challenged": answered here; else the reason field to count."""
+        if data[4:8] == _RESPONSE:
+            return self._response(data, key)
+        reason, msg = check(data, self._allowed_ops)  # type: ignore[operator]
+        if reason != Reason.OK:
+            return _REASON_FIELD[Reason(reason)]
+        if self._secrets is None or (msg.user << 32 | msg.resource) not in self._grants:
+            return None
+        current, epoch, _ = self._secrets
+        tok = token(current, epoch, msg.operation, msg.user, msg.resource, key)  # type: ignore[arg-type]
+        try:
+            self._sock.sendto(challenge_bytes(tok, msg.user, msg.resource), addr)
+        except OSError:
+            self._counts["send_dropped"] += 1
+        return "challenged"
+
+    def _response(self, data: bytes, key: bytes) -> str | None:
+        if data[:4] != _MAGIC:
+            return "magic"
+        user = int.from_bytes(data[8:12], "big")
+        resource = int.from_bytes(data[12:16], "big")
+        user_key = self._ring.get(user)  # type: ignore[attr-defined]
+        if user_key is None:
+            return "unknown_user"
+        if self._secrets is None:
+            return "response"
+        current, epoch, previous = self._secrets
+        salt, auth = data[16:24], data[24:56]
+        ok = False
+        for secret, e in ((current, epoch), (previous, epoch - 1)):
+            for op in (Operation.KNOCK, Operation.REVOKE):
+                tok = token(secret or current, e, op, user, resource, key)  # type: ignore[arg-type]
+                good = user_key.verify(Operation.RESPONSE, user, resource, salt, auth, tok)
+                ok |= bool(good) and secret is not None
+        return None if ok else "response"
 
     def take(self) -> tuple[int, ...]:
         out = tuple(self._counts[name] for name in COUNTERS)

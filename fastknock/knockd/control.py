@@ -68,7 +68,7 @@ class Controller:
         self._reload_hooks.append(hook)
 
     def reload(self, settings: ServerSettings) -> None:
-        self.endpoint.reload(settings)
+        self.endpoint.reload(settings, time.monotonic())
         for hook in self._reload_hooks:
             hook(settings)
 

@@ -35,10 +35,16 @@ class Count(enum.Enum):
     OUTCOME_BAD_PORT = ("outcome_bad-port", "bad-port", None, "")
     OUTCOME_SEQUENCE = ("outcome_sequence", "sequence", None, "")
     OUTCOME_RESPONSE_MAC = ("outcome_response-mac", "response-mac", None, "")
+    OUTCOME_REPLAY = ("outcome_replay", "replay", None, "")
     OUTCOME_FIREWALL = ("outcome_firewall", "firewall", None, "")
     OUTCOME_TIMEOUT = ("outcome_timeout", "timeout", None, "")
     DROPPED_LIMITS = ("dropped_limits", "limits", None, "")
     DROPPED_QUEUE = ("dropped_queue", "queue", None, "")
+    DROPPED_UNFIT = ("dropped_unfit", "unfit", None, "")
+    DROPPED_TCP_BUDGET = ("dropped_tcp_budget", "tcp-budget", None, "")
+    DROPPED_SITE = ("dropped_site", "site-cap", None, "")
+    TCP_PREAUTH_DEADLINE = ("tcp_preauth_deadline", "preauth-deadline", None, "")
+    TCP_PREAUTH_EVICTED = ("tcp_preauth_evicted", "preauth-evicted", None, "")
 
     # -- plain counters ---------------------------------------------------------------
     RECEIVED = (
@@ -51,7 +57,13 @@ class Count(enum.Enum):
         "sessions",
         None,
         "fastknockd_sessions_total",
-        "UDP control sessions started (first message passed basic auth).",
+        "UDP control sessions started (a RESPONSE matched a computed token).",
+    )
+    CHALLENGES = (
+        "challenges",
+        None,
+        "fastknockd_challenges_total",
+        "Computed UDP CHALLENGEs sent (a KNOCK/REVOKE passed basic auth; no state kept).",
     )
     TCP_CONNECTIONS = (
         "tcp_connections",
@@ -134,17 +146,20 @@ class Count(enum.Enum):
 _BY_OUTCOME = {outcome: Count[f"OUTCOME_{outcome.name}"] for outcome in Outcome}
 
 # The C/Python reader's take() fields (in their COUNTERS order) -> Count.
-READER_FIELDS = {
-    "dropped": Count.RECEIVED,
-    "size": Count.OUTCOME_SIZE,
-    "magic": Count.OUTCOME_MAGIC,
-    "operation": Count.OUTCOME_OPERATION,
-    "unknown_user": Count.OUTCOME_UNKNOWN_USER,
-    "mac": Count.OUTCOME_MAC,
-    "handed_up": Count.UDP_HANDED_UP,
-    "live_hits": Count.UDP_LIVE_HITS,
-    "batches": Count.UDP_BATCHES,
-    "errors": Count.UDP_READER_ERRORS,
+READER_FIELDS: dict[str, tuple[Count, ...]] = {
+    "dropped": (Count.RECEIVED,),
+    "size": (Count.OUTCOME_SIZE,),
+    "magic": (Count.OUTCOME_MAGIC,),
+    "operation": (Count.OUTCOME_OPERATION,),
+    "unknown_user": (Count.OUTCOME_UNKNOWN_USER,),
+    "mac": (Count.OUTCOME_MAC,),
+    "response": (Count.OUTCOME_RESPONSE_MAC,),
+    "handed_up": (Count.UDP_HANDED_UP,),
+    "live_hits": (Count.UDP_LIVE_HITS,),
+    "batches": (Count.UDP_BATCHES,),
+    "errors": (Count.UDP_READER_ERRORS,),
+    "challenged": (Count.RECEIVED, Count.CHALLENGES),  # read and answered in C
+    "send_dropped": (Count.UDP_SEND_DROPPED,),
 }
 
 

@@ -6,10 +6,9 @@ reader builds the same bytes straight from the ``sockaddr`` (two ``memcpy``); th
 paths build them from the socket module's address tuple here. Nothing compares address
 *strings*, so nothing depends on how CPython formats them.
 
-The per-source cap counts a *source*: the 16 address bytes of an IPv4 peer, or the first
-7 bytes (the /56) of an IPv6 peer (one site cannot dodge the cap by cycling through its own
-addresses); ``source_of`` gives it, ``peer_of`` the ``ipaddress`` object that logs and the
-firewall request need (only for peers that passed basic auth).
+``peer_of`` gives the ``ipaddress`` object that logs and the firewall request need (only
+for peers that passed basic auth); the caps' view of a key (sources, sites) is in
+``limits.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from fastknock.addr import IPAddress
 
 KEY_SIZE = 18
 _MAPPED = bytes(10) + b"\xff\xff"
-IPV6_SOURCE_PREFIX = 56
 
 
 @functools.lru_cache(maxsize=4096)  # bounded; a flood from few hosts' many ports hits it
@@ -48,11 +46,6 @@ def is_v4(key: bytes) -> bool:
     return key[:12] == _MAPPED
 
 
-def source_of(key: bytes) -> bytes:
-    """What the per-source cap counts: an IPv4 address, or the IPv6 /56 it lies in."""
-    return key[:16] if key[:12] == _MAPPED else key[: IPV6_SOURCE_PREFIX // 8]
-
-
 def peer_of(key: bytes) -> IPAddress:
     """The peer's address as an ``ipaddress`` object; IPv4-mapped peers are IPv4."""
     return _ip(key[:16])
@@ -65,4 +58,4 @@ def _ip(addr16: bytes) -> IPAddress:
     return ipaddress.IPv6Address(addr16)
 
 
-__all__ = ["KEY_SIZE", "is_v4", "key_of", "key_of_ip", "peer_of", "source_of"]
+__all__ = ["KEY_SIZE", "is_v4", "key_of", "key_of_ip", "peer_of"]

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fastknock import _ext
 from fastknock.conf.config import ErrorPolicy
+from fastknock.knockd.challenges import Challenger
 from fastknock.knockd.control import Controller, UdpProtocol
 from fastknock.knockd.counters import READER_FIELDS, Count
 from fastknock.protocol import FIRST_OPS, ServerSettings
@@ -78,7 +79,10 @@ class BatchedUdp:
             allowed_ops=FIRST_OPS,
             budget=budget,
         )
+        self._reconfigure(endpoint.settings)
+        self._secrets(endpoint.challenger)
         endpoint.watch(self._watch)
+        endpoint.on_secrets(self._secrets)
         controller.attach_udp(self.sendto)
         controller.on_reload(self._reconfigure)
         self._reading = True
@@ -90,6 +94,10 @@ class BatchedUdp:
 
     def _reconfigure(self, settings: ServerSettings) -> None:
         self.reader.configure(settings.keyring, self._pass_rejects(settings))
+        self.reader.set_grants(self.c.endpoint.core.grants())
+
+    def _secrets(self, challenger: Challenger) -> None:
+        self.reader.set_secrets(*challenger.secrets())
 
     def _watch(self, key: bytes, live: bool) -> None:
         if live:
@@ -119,9 +127,10 @@ class BatchedUdp:
 
     def merge_counters(self) -> None:
         counters = self.c.counters
-        for count, value in zip(_MERGE, self.reader.take(), strict=True):
+        for targets, value in zip(_MERGE, self.reader.take(), strict=True):
             if value:
-                counters[count] += value
+                for count in targets:
+                    counters[count] += value
 
     def close(self) -> None:
         if self._reading:

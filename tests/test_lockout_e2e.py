@@ -1,0 +1,159 @@
+"""No lock-out without a key, end to end on the real kernel (issues 10 and 11).
+
+Each attack runs against the real daemons in namespaces the test creates (``Stack``), with
+a no-attack control in the same test. The attacker sends only from inside the client
+namespace, to the server namespace, bounded in time; spoofed sources (10.99.0.0/16) are
+routed back into the client namespace, which drops the replies.
+
+Legitimate knocks here are single-shot (one KNOCK, one RESPONSE, no retransmission) through
+raw sockets and the independent codec of ``e2e_support``, so a lost datagram is a failure.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from tests import netns
+from tests.e2e_support import (
+    CHALLENGE,
+    COMEIN,
+    KEY1,
+    KNOCK,
+    RESPONSE,
+    USER1,
+    Stack,
+    port_res,
+    signed,
+    unpack,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+RES = port_res(0x301, 2601)
+CONTROL_TIMEOUT = 5.0  # the issue's defaults: -n 64 -N 8, control-timeout 5, pre-filter on
+SPOOF_NET = "10.99"
+
+
+def _ip_checksum(header: bytes) -> int:
+    total = sum(struct.unpack("!10H", header))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def _datagram(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    """An IPv4 + UDP packet (UDP checksum 0: allowed for IPv4)."""
+    length = 20 + 8 + len(payload)
+    head = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, length, 0, 0, 64, socket.IPPROTO_UDP, 0,
+        socket.inet_aton(src), socket.inet_aton(dst),
+    )  # fmt: skip
+    head = head[:10] + struct.pack("!H", _ip_checksum(head)) + head[12:]
+    return head + struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+class Replayer:
+    """Sends one captured datagram from ``sources`` spoofed addresses (round robin, a new
+    source port per round) as fast as one thread can, until stopped or ``limit`` s."""
+
+    def __init__(self, stack: Stack, payload: bytes, sources: int, limit: float = 60.0) -> None:
+        self.stack = stack
+        self.dst = stack.addrs(False)[0]
+        self.packets = [
+            _datagram(f"{SPOOF_NET}.{i // 250}.{i % 250 + 1}", self.dst, 0, 5800, payload)
+            for i in range(sources)
+        ]
+        self.sent = 0
+        self.limit = limit
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with netns.entered(self.stack.ns):
+            raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        with raw as s:
+            end = time.monotonic() + self.limit
+            port = 20000
+            while not self._stop.is_set() and time.monotonic() < end:
+                port = port + 1 if port < 60000 else 20000
+                sport = struct.pack("!H", port)
+                for pkt in self.packets:
+                    try:
+                        s.sendto(pkt[:20] + sport + pkt[22:], (self.dst, 0))
+                    except OSError:  # a full queue: keep going
+                        continue
+                    self.sent += 1
+
+    def __enter__(self) -> Replayer:
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.seconds = time.monotonic() - self.started
+
+
+def _spoofed_sources_route_back(stack: Stack) -> None:
+    """Replies to the spoofed sources go back into the client namespace (and die there)."""
+    netns.run(
+        stack.pair.server,
+        ["ip", "route", "add", f"{SPOOF_NET}.0.0/16", "via", stack.pair.client_v4[0]],
+        check=True,
+    )
+
+
+def legit_knocks(stack: Stack, n: int, src: str) -> int:
+    """``n`` single-shot knocks (no retransmission) from ``src``: how many got COMEIN."""
+    ok = 0
+    for _ in range(n):
+        peer = stack.udp(src)
+        try:
+            peer.send(signed(KEY1, KNOCK, USER1, RES.id))
+            reply = peer.recv(3.0)
+            if reply is None or unpack(reply).op != CHALLENGE:
+                continue
+            peer.send(signed(KEY1, RESPONSE, USER1, RES.id, unpack(reply).auth))
+            reply = peer.recv(3.0)
+            ok += reply is not None and unpack(reply).op == COMEIN
+        finally:
+            peer.close()
+    return ok
+
+
+def test_a_knock_replayed_from_1000_addresses_locks_nobody_out() -> None:
+    """Issue 10: one captured KNOCK, replayed from 1,000 spoofed addresses at the
+    generator's rate, never answering the CHALLENGE. Control: 50 knocks with no attack.
+    Then the same 50 knocks during the replay: all must succeed, without retransmission."""
+    netns.require()
+    stack = Stack("replay1k", [RES], timeout=CONTROL_TIMEOUT, verbose=False, metrics=True)
+    try:
+        _spoofed_sources_route_back(stack)
+        other = stack.addrs(False)[2]
+        assert legit_knocks(stack, 50, other) == 50  # the no-attack control
+        captured = signed(KEY1, KNOCK, USER1, RES.id)
+        with Replayer(stack, captured, 1000) as attack:
+            time.sleep(1.0)  # the flood is on before the first legit knock
+            during = legit_knocks(stack, 50, other)
+        rate = attack.sent / attack.seconds
+        print(f"replay: {attack.sent} datagrams in {attack.seconds:.1f} s ({rate:.0f}/s)")
+        assert attack.sent > 20_000, f"the generator sent only {attack.sent} datagrams"
+        assert during == 50, f"{during}/50 legit knocks under a replay at {rate:.0f}/s"
+        # Stateless: the replay was answered with computed CHALLENGEs and held no slot.
+        wait_for(
+            "the metrics of all 100 knocks",
+            lambda: stack.metrics().get("fastknockd_knocks_total") == 100,
+        )
+        metrics = stack.metrics()
+        assert metrics["fastknockd_sessions_active"] == 0
+        assert metrics["fastknockd_challenges_total"] >= attack.sent // 2
+        assert stack.server is not None and stack.server.alive()
+    finally:
+        stack.close()
