@@ -157,3 +157,100 @@ def test_a_knock_replayed_from_1000_addresses_locks_nobody_out() -> None:
         assert stack.server is not None and stack.server.alive()
     finally:
         stack.close()
+
+
+class IdleHolders:
+    """``per`` idle TCP connections to the control port from each of ``addrs``, each
+    reconnected (at most every 20 ms) as soon as the server closes it. Bounded: stops
+    when told or after ``limit`` s."""
+
+    def __init__(self, stack: Stack, addrs: list[str], per: int, limit: float = 60.0) -> None:
+        self.stack = stack
+        self.slots = [a for a in addrs for _ in range(per)]
+        self.dst = stack.addrs(False)[0]
+        self.connects = 0
+        self.limit = limit
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _connect(self, src: str) -> socket.socket | None:
+        with netns.entered(self.stack.ns):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.bind((src, 0))
+            s.connect_ex((self.dst, 5800))
+        except OSError:
+            s.close()
+            return None
+        self.connects += 1
+        return s
+
+    def _run(self) -> None:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        for src in self.slots:
+            s = self._connect(src)
+            if s is not None:
+                sel.register(s, selectors.EVENT_READ, src)
+        end = time.monotonic() + self.limit
+        while not self._stop.is_set() and time.monotonic() < end:
+            for key, _ in sel.select(0.02):
+                s, src = key.fileobj, key.data
+                try:
+                    closed = s.recv(100) == b""  # type: ignore[union-attr]
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    closed = True
+                if closed:  # the server closed it: be back at once (rate-bounded by select)
+                    sel.unregister(s)
+                    s.close()  # type: ignore[union-attr]
+                    t = self._connect(src)
+                    if t is not None:
+                        sel.register(t, selectors.EVENT_READ, src)
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+
+    def __enter__(self) -> IdleHolders:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_idle_tcp_connections_from_16_addresses_lock_nobody_out() -> None:
+    """Issue 11: 16 addresses x 8 idle TCP connections (128), reconnecting when closed,
+    at the defaults. Control first, then during the attack: the real client knocks over
+    TCP and over UDP from another address, every time."""
+    netns.require()
+    stack = Stack("idle128", [RES], timeout=CONTROL_TIMEOUT, verbose=False, metrics=True)
+    try:
+        attackers = [f"10.77.0.{10 + i}" for i in range(16)]
+        for a in attackers:
+            netns.run(stack.ns, ["ip", "addr", "add", f"{a}/24", "dev", "fk1"], check=True)
+        server, me, _ = stack.addrs(False)
+        rid = f"{RES.id:08X}"
+
+        def knocks() -> list[int]:
+            return [
+                stack.knock("knock", server, "-r", rid, flag, "-4").code
+                for flag in ("-T", "-U")
+                for _ in range(5)
+            ]
+
+        assert knocks() == [0] * 10  # the no-attack control
+        with IdleHolders(stack, attackers, 8) as idle:
+            time.sleep(2.0)  # the holders are in place and cycling
+            during = knocks()
+        assert idle.connects >= 128
+        assert during == [0] * 10, during
+        wait_for(
+            "the pre-auth refusals in the metrics",
+            lambda: stack.metrics().get('fastknockd_rejected_total{reason="tcp-budget"}', 0) > 0,
+        )
+    finally:
+        stack.close()
