@@ -16,7 +16,6 @@ import random
 import select
 import socket
 import time
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -27,48 +26,22 @@ from fastknock.knockd.counters import READER_FIELDS
 from fastknock.knockd.peer import key_of
 from fastknock.message import MAGIC, Operation
 from fastknock.protocol import FIRST_OPS
+from tests.conftest import load_impl
 
 NO_EXTENSIONS = _ext.disabled()
 USER = 0x00000001
 OTHER_USER = 0x00000002
 KEY = bytes.fromhex("80E9C81DFA4879B2C64910E1B6870DA42DFB82261B76C859F3A0F5A09DEA2A3D")
 RES = 0x00000022
-FIELDS = (
-    "dropped",
-    "size",
-    "magic",
-    "operation",
-    "unknown_user",
-    "mac",
-    "response",
-    "handed_up",
-    "live_hits",
-    "batches",
-    "errors",
-    "challenged",
-    "send_dropped",
-)
-
-IMPLS = {
-    "py": ("fastknock.knockd._recv_py", "fastknock._hmac_py"),
-    "c": ("fastknock.knockd._recv", "fastknock._hmac"),
-}
+# The readers' take() fields, in order: the glue's map of them onto the endpoint's counters
+# (counters.READER_FIELDS) is the one statement of the list.
+FIELDS = tuple(READER_FIELDS)
 
 
-def impl(name: str) -> SimpleNamespace:
-    """The reader and key ring modules of one implementation ("py" or "c")."""
-    recv_name, mac_name = IMPLS[name]
-    recv = importlib.import_module(recv_name)
-    return SimpleNamespace(
-        name=name, Reader=recv.Reader, mac=importlib.import_module(mac_name), COUNTERS=recv.COUNTERS
-    )
-
-
-@pytest.fixture(scope="module", params=["py", "c"])
-def rimpl(request: pytest.FixtureRequest) -> SimpleNamespace:
-    if request.param == "c" and NO_EXTENSIONS:
-        pytest.skip("FASTKNOCK_NO_EXTENSIONS=1: C extensions not in use")
-    return impl(request.param)
+@pytest.fixture
+def rimpl(impl: SimpleNamespace) -> SimpleNamespace:
+    """Both readers, each with its own key ring (the conftest ``impl`` fixture)."""
+    return impl
 
 
 class Recorder:
@@ -117,21 +90,6 @@ def raw(magic: int = MAGIC, op: int = 0, user: int = USER, auth: bytes = b"\0" *
         + b"S" * 8
         + auth
     )
-
-
-@pytest.fixture(params=[socket.AF_INET, socket.AF_INET6], ids=["v4", "dual"])
-def server(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
-    if request.param == socket.AF_INET6:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(("::", 0))
-    else:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", 0))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-    sock.setblocking(False)
-    with sock:
-        yield sock
 
 
 def client() -> socket.socket:
@@ -187,7 +145,6 @@ def test_selector_uses_py_when_disabled() -> None:
 
 def test_counter_fields_agree(rimpl: SimpleNamespace) -> None:
     assert tuple(rimpl.COUNTERS) == FIELDS
-    assert set(READER_FIELDS) == set(FIELDS)
 
 
 # -- decisions -----------------------------------------------------------------------------
@@ -451,7 +408,7 @@ def test_c_and_py_agree_on_a_random_mix(server: socket.socket) -> None:
     data = [rng.choice(kinds)() for _ in range(400)]
     results = []
     for name in ("py", "c"):
-        reader, rec, _ = make(impl(name), server)
+        reader, rec, _ = make(load_impl(name), server)
         with client() as c:
             for i, d in enumerate(data):
                 c.sendto(d, dest(server))

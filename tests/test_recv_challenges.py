@@ -1,5 +1,5 @@
 """The batched readers' stateless challenges: KNOCK -> CHALLENGE and the RESPONSE check in
-the reader, on both readers (``rimpl``) over real loopback sockets, and C against Python.
+the reader, on both readers (``impl``) over real loopback sockets, and C against Python.
 
 The expected CHALLENGE bytes come from ``knockd.challenges`` (the Python statement of the
 token formula); the C reader computes them with its own code from the raw ``sockaddr``.
@@ -18,6 +18,7 @@ import pytest
 from fastknock.knockd.challenges import challenge_bytes, token
 from fastknock.knockd.peer import key_of
 from fastknock.message import Operation
+from tests.conftest import load_impl
 from tests.test_recv import (
     KEY,
     NO_EXTENSIONS,
@@ -28,12 +29,9 @@ from tests.test_recv import (
     counts,
     dest,
     drain_until,
-    impl,
     knock,
     make,
     raw,
-    rimpl,  # noqa: F401 - the fixture
-    server,  # noqa: F401 - the fixture
 )
 
 EPOCH = 41
@@ -66,10 +64,9 @@ def peer_of(c: socket.socket) -> tuple:
 
 
 def test_a_granted_knock_is_answered_in_the_reader(
-    rimpl: SimpleNamespace,  # noqa: F811
-    server: socket.socket,  # noqa: F811
+    impl: SimpleNamespace, server: socket.socket
 ) -> None:
-    reader, rec, cur, _ = armed(rimpl, server)
+    reader, rec, cur, _ = armed(impl, server)
     with client() as c:
         c.settimeout(2)
         for op in (Operation.KNOCK, Operation.REVOKE):
@@ -83,12 +80,11 @@ def test_a_granted_knock_is_answered_in_the_reader(
 
 
 def test_a_knock_without_grant_or_secrets_goes_to_python(
-    rimpl: SimpleNamespace,  # noqa: F811
-    server: socket.socket,  # noqa: F811
+    impl: SimpleNamespace, server: socket.socket
 ) -> None:
-    reader, rec, _, _ = armed(rimpl, server)
+    reader, rec, _, _ = armed(impl, server)
     reader.set_grants(set())  # type: ignore[attr-defined]
-    plain, _, _ = make(rimpl, server)  # no secrets at all
+    plain, _, _ = make(impl, server)  # no secrets at all
     with client() as c:
         c.sendto(knock(), dest(server))
         assert drain_until(reader, server, 1) == 1
@@ -98,22 +94,19 @@ def test_a_knock_without_grant_or_secrets_goes_to_python(
     assert counts(plain)["handed_up"] == 1
 
 
-def test_response_check_in_the_reader(
-    rimpl: SimpleNamespace,  # noqa: F811
-    server: socket.socket,  # noqa: F811
-) -> None:
-    reader, rec, cur, prev = armed(rimpl, server)
+def test_response_check_in_the_reader(impl: SimpleNamespace, server: socket.socket) -> None:
+    reader, rec, cur, prev = armed(impl, server)
     with client() as c:
         me = peer_of(c)
         good = [
-            response_for(rimpl, cur, EPOCH, me),
-            response_for(rimpl, prev, EPOCH - 1, me),
-            response_for(rimpl, cur, EPOCH, me, Operation.REVOKE),
+            response_for(impl, cur, EPOCH, me),
+            response_for(impl, prev, EPOCH - 1, me),
+            response_for(impl, cur, EPOCH, me, Operation.REVOKE),
         ]
         bad = [
-            response_for(rimpl, cur, EPOCH - 1, me),  # wrong epoch for the secret
-            response_for(rimpl, cur, EPOCH, ("127.0.0.1", me[1] ^ 1)),  # another port
-            response_for(rimpl, rimpl.mac.HmacKey(os.urandom(32)), EPOCH, me),  # forged
+            response_for(impl, cur, EPOCH - 1, me),  # wrong epoch for the secret
+            response_for(impl, cur, EPOCH, ("127.0.0.1", me[1] ^ 1)),  # another port
+            response_for(impl, impl.mac.HmacKey(os.urandom(32)), EPOCH, me),  # forged
             raw(op=Operation.RESPONSE, auth=os.urandom(32)),
         ]
         for data in good + bad + [raw(op=Operation.RESPONSE, user=OTHER_USER)]:
@@ -125,20 +118,19 @@ def test_response_check_in_the_reader(
 
 
 def test_without_a_previous_secret_only_the_current_epoch_answers(
-    rimpl: SimpleNamespace,  # noqa: F811
-    server: socket.socket,  # noqa: F811
+    impl: SimpleNamespace, server: socket.socket
 ) -> None:
-    reader, rec, cur, _ = armed(rimpl, server, previous=False)
+    reader, rec, cur, _ = armed(impl, server, previous=False)
     with client() as c:
         me = peer_of(c)
         # the reader uses the current secret in place of the missing one: masked out
-        c.sendto(response_for(rimpl, cur, EPOCH - 1, me), dest(server))
-        c.sendto(response_for(rimpl, cur, EPOCH, me), dest(server))
+        c.sendto(response_for(impl, cur, EPOCH - 1, me), dest(server))
+        c.sendto(response_for(impl, cur, EPOCH, me), dest(server))
         assert drain_until(reader, server, 2) == 2
     assert len(rec.got) == 1 and counts(reader)["response"] == 1
 
 
-def test_c_and_py_challenge_and_check_alike(server: socket.socket) -> None:  # noqa: F811
+def test_c_and_py_challenge_and_check_alike(server: socket.socket) -> None:
     """Differential: granted and ungranted KNOCKs, RESPONSEs of every epoch and port, and
     forgeries, through both readers with the same secrets: same replies, same hand-ups,
     same counters."""
@@ -161,7 +153,7 @@ def test_c_and_py_challenge_and_check_alike(server: socket.socket) -> None:  # n
         ]
         data = [rng.choice(kinds)() for _ in range(300)]
         for name in ("py", "c"):
-            ns = impl(name)
+            ns = load_impl(name)
             reader, rec, _ = make(ns, server)
             cur, prev = (ns.mac.HmacKey(x) for x in secrets)
             reader.set_secrets(cur, EPOCH, prev)  # type: ignore[attr-defined]

@@ -1,40 +1,9 @@
-# C-level API of fastknock.knockd._recv (the batched UDP receive path). The socket structures are
-# declared here so that a benchmark or a later extension can cimport the Reader.
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-
-from libc.stdint cimport int64_t
+# C-level API of fastknock.knockd._recv (the batched UDP receive path), so that a benchmark or
+# a later extension can cimport the Reader. The socket structures and the peer key: _net.pxd.
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 from fastknock._hmac cimport HmacKey, KeyRing
-
-
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-    ctypedef unsigned short sa_family_t
-    struct sockaddr_storage:
-        sa_family_t ss_family
-    struct iovec:
-        void *iov_base
-        size_t iov_len
-    struct msghdr:
-        void *msg_name
-        socklen_t msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-    struct timespec:
-        pass
-    int recvmmsg(int sockfd, mmsghdr *msgvec, unsigned int vlen, int flags,
-                 timespec *timeout)
-    int sendmmsg(int sockfd, mmsghdr *msgvec, unsigned int vlen, int flags)
-    enum:
-        MSG_DONTWAIT
-        AF_INET
-        AF_INET6
+from fastknock.knockd._net cimport iovec, mmsghdr, peer_key, sockaddr_storage
 
 
 cdef enum:
@@ -43,14 +12,6 @@ cdef enum:
     REASON_RESPONSE = 6  # a RESPONSE that matches no computed token (forged or stale)
     RECV_NREASONS = 7  # REASON_OK .. REASON_RESPONSE
     VERDICT_CHALLENGED = 7  # answered in C with a computed CHALLENGE (no Python object)
-
-# One live session's peer: the IPv6 (or IPv4-mapped) address and the port, network order;
-# the first 18 bytes are the peer key of ``fastknock.knockd.peer``.
-ctypedef struct peer_key:
-    uint8_t addr[16]
-    uint16_t port
-    uint8_t state  # SLOT_EMPTY, SLOT_USED, SLOT_DEAD
-
 
 cdef class Reader:
     cdef int fd

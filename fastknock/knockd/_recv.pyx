@@ -46,8 +46,26 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
 from libc.stdint cimport int64_t
+from libc.stdlib cimport bsearch
 
 from fastknock._hmac cimport HmacKey, KeyRing
+from fastknock.knockd._net cimport (
+    AF_INET,
+    AF_INET6,
+    KEY_SIZE,
+    MSG_DONTWAIT,
+    _cmp_u64,
+    _hash,
+    _key_from_bytes,
+    _key_of,
+    _py_addr,
+    _same,
+    _token_input,
+    peer_key,
+    recvmmsg,
+    sendmmsg,
+    sockaddr_storage,
+)
 from fastknock._wire cimport (
     REASON_MAGIC,
     REASON_OK,
@@ -72,86 +90,15 @@ COUNTERS = (
 )
 
 
-cdef extern from "<netinet/in.h>" nogil:
-    struct in_addr:
-        uint32_t s_addr
-    struct in6_addr:
-        unsigned char s6_addr[16]
-    struct sockaddr_in:
-        sa_family_t sin_family
-        uint16_t sin_port
-        in_addr sin_addr
-    struct sockaddr_in6:
-        sa_family_t sin6_family
-        uint16_t sin6_port
-        uint32_t sin6_flowinfo
-        in6_addr sin6_addr
-        uint32_t sin6_scope_id
-    uint16_t ntohs(uint16_t)
-    uint32_t ntohl(uint32_t)
-
-
-cdef extern from "<arpa/inet.h>" nogil:
-    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
-
-
 cdef enum:
     SLOT_EMPTY = 0
     SLOT_USED = 1
     SLOT_DEAD = 2
     MIN_CAP = 64
-    HOST_MAX = 64  # > INET6_ADDRSTRLEN (46)
-    KEY_SIZE = 18  # fastknock.knockd.peer.KEY_SIZE: 16 address bytes, 2 port bytes
     OP_KNOCK = 0
     OP_CHALLENGE = 1
     OP_RESPONSE = 2
     OP_REVOKE = 5
-
-
-cdef inline void _token_input(unsigned char *head, unsigned char *chal, uint32_t op,
-                              const unsigned char *ids, int64_t epoch,
-                              const peer_key *k) noexcept nogil:
-    """The 52-byte PRF input of challenges.token: OP || USER || RESOURCE || EPOCH (head,
-    20 bytes) and ADDR || PORT || 0^14 (chal, 32 bytes); ids = USER || RESOURCE."""
-    store_be32(head, op)
-    memcpy(head + 4, ids, 8)
-    store_be32(head + 12, <uint32_t>((<uint64_t>epoch) >> 32))
-    store_be32(head + 16, <uint32_t>(<uint64_t>epoch))
-    memset(chal, 0, 32)
-    memcpy(chal, k, KEY_SIZE)
-
-
-cdef inline void _key_of(const sockaddr_storage *sa, peer_key *k) noexcept nogil:
-    """The raw key of a peer address: IPv6 bytes (IPv4 as ::ffff:a.b.c.d) and the port."""
-    cdef const sockaddr_in6 *s6
-    cdef const sockaddr_in *s4
-    memset(k, 0, sizeof(peer_key))
-    if sa.ss_family == AF_INET6:
-        s6 = <const sockaddr_in6 *>sa
-        memcpy(k.addr, s6.sin6_addr.s6_addr, 16)
-        k.port = s6.sin6_port
-    else:
-        s4 = <const sockaddr_in *>sa
-        k.addr[10] = 0xFF
-        k.addr[11] = 0xFF
-        memcpy(k.addr + 12, &s4.sin_addr.s_addr, 4)
-        k.port = s4.sin_port
-
-
-cdef inline size_t _hash(const peer_key *k) noexcept nogil:
-    # FNV-1a over the 18 key bytes. Only peers with a live session are ever inserted, and
-    # the table never holds more than the session cap: no hash flooding.
-    cdef uint64_t h = 1469598103934665603ULL
-    cdef int i
-    for i in range(16):
-        h = (h ^ k.addr[i]) * 1099511628211ULL
-    h = (h ^ (k.port & 0xFF)) * 1099511628211ULL
-    h = (h ^ (k.port >> 8)) * 1099511628211ULL
-    return <size_t>(h ^ (h >> 29))
-
-
-cdef inline bint _same(const peer_key *a, const peer_key *b) noexcept nogil:
-    return a.port == b.port and memcmp(a.addr, b.addr, 16) == 0
 
 
 @cython.auto_pickle(False)
@@ -383,14 +330,8 @@ cdef class Reader:
 
     cdef bint granted(self, uint32_t user, uint32_t resource) noexcept nogil:
         cdef unsigned long long want = ((<unsigned long long>user) << 32) | resource
-        cdef Py_ssize_t lo = 0, hi = self.ngrants, mid
-        while lo < hi:
-            mid = lo + ((hi - lo) >> 1)
-            if self.grants[mid] < want:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo < self.ngrants and self.grants[lo] == want
+        return bsearch(&want, self.grants, self.ngrants, sizeof(unsigned long long),
+                       _cmp_u64) != NULL
 
     cdef void challenge(self, int i) noexcept nogil:
         """Queue the computed CHALLENGE for datagram i (a KNOCK/REVOKE that passed)."""
@@ -496,27 +437,3 @@ cdef class Reader:
 
     def __repr__(self):
         return f"Reader(fd={self.fd}, tracked={self.used})"
-
-
-cdef inline void _key_from_bytes(bytes key, peer_key *k) except *:
-    if len(key) != KEY_SIZE:
-        raise ValueError(f"a peer key is {KEY_SIZE} bytes, not {len(key)}")
-    memset(k, 0, sizeof(peer_key))
-    memcpy(k, <const char *>key, KEY_SIZE)
-
-
-cdef tuple _py_addr(const sockaddr_storage *sa):
-    """The address as the socket module shapes it."""
-    cdef char host[HOST_MAX]
-    cdef const sockaddr_in6 *s6
-    cdef const sockaddr_in *s4
-    cdef object h, port
-    if sa.ss_family == AF_INET6:
-        s6 = <const sockaddr_in6 *>sa
-        inet_ntop(AF_INET6, &s6.sin6_addr, host, HOST_MAX)
-        h = host.decode("ascii")
-        port = ntohs(s6.sin6_port)
-        return (h, port, ntohl(s6.sin6_flowinfo), s6.sin6_scope_id)
-    s4 = <const sockaddr_in *>sa
-    inet_ntop(AF_INET, &s4.sin_addr, host, HOST_MAX)
-    return (host.decode("ascii"), ntohs(s4.sin_port))
