@@ -1,7 +1,7 @@
 """Sans-I/O core of the knock protocol: the server and client state machines of PROTOCOL.md.
 
 No sockets, no clock, no randomness in here: callers pass bytes, the peer address and ``now``,
-and inject ``rand(n) -> bytes``; the core returns events (bytes to send, a firewall request, a
+and inject ``rand(n) -> bytes``; the core returns events (``events.py``: bytes to send, a firewall request, a
 session end with its reason). The asyncio/uvloop layers (``knockd/``, ``knock/client.py``) are
 thin loops around it, and the tests drive client and server against each other in memory.
 
@@ -48,6 +48,7 @@ from fastknock.addr import IPAddress
 from fastknock.conf.config import Config, ErrorPolicy, Resource
 from fastknock.conf.model import Refusal, admit
 from fastknock.errors import ProtocolError, WireError
+from fastknock.events import Event, FirewallRequest, Outcome, Send, SessionClosed
 from fastknock.mac import HmacKey, KeyRing
 from fastknock.message import (
     AUTH_SIZE,
@@ -62,25 +63,6 @@ from fastknock.message import (
 Rand = Callable[[int], bytes]
 
 FIRST_OPS = (1 << Operation.KNOCK) | (1 << Operation.REVOKE)
-
-
-class Outcome(enum.Enum):
-    """Why a server session ended (or a first datagram was turned away). For logs and counters."""
-
-    OK = "ok"
-    SIZE = "size"
-    MAGIC = "magic"
-    OPERATION = "operation"
-    UNKNOWN_USER = "unknown-user"
-    MAC = "mac"
-    UNKNOWN_RESOURCE = "unknown-resource"
-    USER_NOT_ALLOWED = "user-not-allowed"
-    BAD_PORT = "bad-port"
-    SEQUENCE = "sequence"  # later message with another op, user or resource
-    RESPONSE_MAC = "response-mac"
-    REPLAY = "replay"  # UDP: a RESPONSE for a token that was used already
-    FIREWALL = "firewall"
-    TIMEOUT = "timeout"
 
 
 _REASON_OUTCOME = {
@@ -103,43 +85,6 @@ _POLICY_MIN_LEVEL = {
     ErrorPolicy.BASIC_AUTH: AuthLevel.BASIC,
     ErrorPolicy.FULL_AUTH: AuthLevel.FULL,
 }
-
-
-# -- events --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send these 56 bytes to the session's peer."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class FirewallRequest:
-    """Ask the firewall daemon to install (KNOCK) or remove (REVOKE) a lease for ``peer``."""
-
-    operation: Operation
-    user: int
-    resource: int
-    peer: IPAddress
-
-
-@dataclass(frozen=True, slots=True)
-class SessionClosed:
-    """The session is over; ``outcome`` says why. ``user``/``resource``: UNKNOWN_ID if unknown."""
-
-    outcome: Outcome
-    operation: Operation | None = None
-    user: int = UNKNOWN_ID
-    resource: int = UNKNOWN_ID
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome is Outcome.OK
-
-
-Event = Send | FirewallRequest | SessionClosed
 
 
 def _pack(op: Operation, user: int, resource: int, salt: bytes, auth: bytes) -> bytes:
