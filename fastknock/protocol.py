@@ -2,8 +2,9 @@
 
 No sockets, no clock, no randomness in here: callers pass bytes, the peer address and ``now``,
 and inject ``rand(n) -> bytes``; the core returns events (``events.py``: bytes to send, a
-firewall request, a session end with its reason). The asyncio/uvloop layers (``knockd/``, ``knock/client.py``) are
-thin loops around it, and the tests drive client and server against each other in memory.
+firewall request, a session end with its reason). The asyncio/uvloop layers (``knockd/``,
+``knock/client.py``) are thin loops around it, and the tests drive client and server against
+each other in memory.
 
 Server rules, in order, for one control session (PROTOCOL.md "Flow"):
 
