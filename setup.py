@@ -1,7 +1,13 @@
 """Build the Cython hot paths. FASTKNOCK_NO_EXTENSIONS=1 skips them (pure Python only);
-FASTKNOCK_CYTHON_TRACE=1 builds with line tracing for coverage/profiling (``make debug``)."""
+FASTKNOCK_CYTHON_TRACE=1 builds with line tracing for coverage/profiling (``make debug``).
+
+``_wire`` and ``_hmac`` (shared by client and server) build everywhere; ``knockd._recv``
+(recvmmsg, fastknockd only) needs Linux and is built only there. Without an extension the
+pure-Python reference beside it is used, so the client installs and runs on any platform.
+"""
 
 import os
+import sys
 
 from setuptools import Extension, setup
 
@@ -13,30 +19,20 @@ if os.environ.get("FASTKNOCK_NO_EXTENSIONS") != "1":
 
     trace = os.environ.get("FASTKNOCK_CYTHON_TRACE") == "1"
     macros = [("CYTHON_TRACE_NOGIL", "1")] if trace else []
-    cflags = ["-O3", "-fno-strict-aliasing"]
+    cflags = ["-O3", "-fno-strict-aliasing"] if sys.platform != "win32" else []
+    sources = {"fastknock._wire": "fastknock/_wire.pyx", "fastknock._hmac": "fastknock/_hmac.pyx"}
+    if sys.platform.startswith("linux"):
+        sources["fastknock.knockd._recv"] = "fastknock/knockd/_recv.pyx"
     ext_modules = cythonize(
         [
             Extension(
-                "fastknock._wire",
-                ["fastknock/_wire.pyx"],
+                name,
+                [source],
                 include_dirs=["fastknock"],
                 define_macros=macros,
                 extra_compile_args=cflags,
-            ),
-            Extension(
-                "fastknock._hmac",
-                ["fastknock/_hmac.pyx"],
-                include_dirs=["fastknock"],
-                define_macros=macros,
-                extra_compile_args=cflags,
-            ),
-            Extension(
-                "fastknock.knockd._recv",
-                ["fastknock/knockd/_recv.pyx"],
-                include_dirs=["fastknock"],
-                define_macros=macros,
-                extra_compile_args=cflags,
-            ),
+            )
+            for name, source in sources.items()
         ],
         compiler_directives={
             "language_level": "3",
