@@ -98,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="maximum concurrent sessions per source: IPv4 address or IPv6 /56 "
         f"(default: {DEFAULT_MAX_PER_SOURCE})",
     )
-    p.add_argument("--no-systemd", action="store_true", help="ignore systemd socket activation")
+    p.add_argument(
+        "--no-systemd",
+        action="store_true",
+        help="ignore systemd: no socket activation, no sd_notify",
+    )
     p.add_argument(
         "--seccomp",
         choices=["off", "log", "kill"],
