@@ -28,7 +28,9 @@ NO_COMPILER = {"FASTKNOCK_NO_EXTENSIONS": "1", "CC": "false", "CXX": "false"}
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NOTIFY_SOCKET")}
+    # Nothing of the caller's choice of implementation or path: each call says what it needs.
+    drop = ("PYTHONPATH", "NOTIFY_SOCKET", "FASTKNOCK_NO_EXTENSIONS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     return {**env, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_ROOT_USER_ACTION": "ignore", **extra}
 
 
