@@ -20,7 +20,9 @@ What it does, in order, each step idempotent (existing configs are never overwri
 ``ProtectHome=yes`` hides /home, /root and /run/user from the daemons. When the installation
 (the venv, or the Python it was made from) lives below one of them, the units get
 ``ProtectHome=tmpfs`` plus ``BindReadOnlyPaths=`` of exactly those directories instead: the
-rest of the home directories stays hidden, and the programs can still start.
+rest of the home directories stays hidden, and the programs can still start. Below /root
+that is not enough for fastknockd: it runs as ``fastknock`` from the start, and /root is
+0700 (systemd's tmpfs for it too), so ``fastknock-install`` warns and names /opt instead.
 """
 
 from __future__ import annotations
@@ -172,6 +174,18 @@ def _under_homes(bindir: str) -> list[str]:
     return [str(p) for p in found if not any(p != q and p.is_relative_to(q) for q in found)]
 
 
+def root_only_warning(bindir: str) -> str | None:
+    """Why fastknockd cannot start from an installation below /root, if it is one."""
+    below = [p for p in _under_homes(bindir) if Path(p).is_relative_to("/root")]
+    if not below:
+        return None
+    return (
+        f"warning: {' and '.join(below)} is below /root (mode 0700): fastknockd runs as "
+        f"{ACCOUNT!r} and cannot start from there; install into a venv such as /opt/fastknock "
+        "(made from a Python outside /root)"
+    )
+
+
 def unit_text(template: str, bindir: str) -> str:
     """A unit file of ``fastknock/units/`` for programs in ``bindir``."""
     text = template.replace("@BINDIR@", bindir)
@@ -214,6 +228,9 @@ def install(root: Path, bindir: str, mandir: str = MANDIR) -> None:
         (unitdir / name).write_text(unit_text(text, bindir))
         os.chmod(unitdir / name, 0o644)  # noqa: S103 -- unit files are public
         _say(f"installed {unitdir / name}")
+    warning = root_only_warning(bindir)
+    if warning:
+        _say(warning)
     for page, target in _man_pages(root, mandir):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(page.read_bytes())

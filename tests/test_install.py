@@ -83,6 +83,14 @@ def test_protect_home_keeps_an_installation_below_home_visible(
         "ProtectHome=tmpfs\nBindReadOnlyPaths=/root/venv /home/alice/.pyenv/versions/3.11.7\n"
         in text
     )
+    # ...but /root is 0700 (systemd's tmpfs for it as well): fastknockd's account cannot
+    # enter it, which fastknock-install says. Below /home the bind is enough.
+    warning = install.root_only_warning("/root/venv/bin")
+    assert warning is not None and "/root/venv" in warning and "/opt/fastknock" in warning
+    monkeypatch.setattr(sys, "prefix", "/home/alice/venv")
+    assert install.root_only_warning("/home/alice/venv/bin") is None
+    home = install.unit_text(template, "/home/alice/venv/bin")
+    assert "BindReadOnlyPaths=/home/alice/venv /home/alice/.pyenv/versions/3.11.7\n" in home
 
 
 def _verify(units: Path, man: Path) -> subprocess.CompletedProcess[str]:
