@@ -4,7 +4,7 @@
 PY ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit lint bench bench-flood debug clean
+.PHONY: setup demo test unit lint bench bench-flood debug dist clean
 
 setup:
 	bash scripts/setup.sh
@@ -25,8 +25,8 @@ unit:
 	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
 
 lint:
-	$(PY) -m ruff check fastknock tests bench
-	$(PY) -m ruff format --check fastknock tests bench
+	$(PY) -m ruff check fastknock tests bench scripts
+	$(PY) -m ruff format --check fastknock tests bench scripts
 	$(PY) -m mypy
 
 bench: setup
@@ -43,5 +43,17 @@ bench-flood: setup
 debug:
 	FASTKNOCK_CYTHON_TRACE=1 $(PY) setup.py build_ext --inplace --force
 
+# Release artefacts: the sdist, then the wheel built from it (isolated: proves the sdist is
+# complete), both checked by twine and scripts/check_dist.py. The tools live in a venv of
+# their own (build/dist-tools), not in the development Python.
+DIST_TOOLS = build/dist-tools
+dist:
+	rm -rf dist
+	[ -x $(DIST_TOOLS)/bin/twine ] || { $(PY) -m venv $(DIST_TOOLS) && \
+	  PIP_ROOT_USER_ACTION=ignore $(DIST_TOOLS)/bin/pip install -q build twine; }
+	$(DIST_TOOLS)/bin/python -m build --outdir dist .
+	$(DIST_TOOLS)/bin/twine check --strict dist/*
+	$(PY) scripts/check_dist.py dist
+
 clean:
-	rm -rf build *.egg-info fastknock/*.so fastknock/*/*.so fastknock/_wire.c fastknock/_hmac.c fastknock/knockd/_recv.c
+	rm -rf build dist *.egg-info fastknock/*.so fastknock/*/*.so fastknock/_wire.c fastknock/_hmac.c fastknock/knockd/_recv.c

@@ -1,7 +1,15 @@
 """Build the Cython hot paths. FASTKNOCK_NO_EXTENSIONS=1 skips them (pure Python only);
-FASTKNOCK_CYTHON_TRACE=1 builds with line tracing for coverage/profiling (``make debug``)."""
+FASTKNOCK_CYTHON_TRACE=1 builds with line tracing for coverage/profiling (``make debug``).
+
+``_wire`` and ``_hmac`` (shared by client and server) build everywhere; ``knockd._recv``
+(recvmmsg, fastknockd only) needs Linux and is built only there. Without an extension the
+pure-Python reference beside it is used, so the client installs and runs on any platform:
+outside Linux a failed compile (no compiler) is a warning, not an error. On Linux it is an
+error (and tests/test_extensions.py fails if an extension silently fell back).
+"""
 
 import os
+import sys
 
 from setuptools import Extension, setup
 
@@ -13,30 +21,21 @@ if os.environ.get("FASTKNOCK_NO_EXTENSIONS") != "1":
 
     trace = os.environ.get("FASTKNOCK_CYTHON_TRACE") == "1"
     macros = [("CYTHON_TRACE_NOGIL", "1")] if trace else []
-    cflags = ["-O3", "-fno-strict-aliasing"]
+    cflags = ["-O3", "-fno-strict-aliasing"] if sys.platform != "win32" else []
+    linux = sys.platform.startswith("linux")
+    sources = {"fastknock._wire": "fastknock/_wire.pyx", "fastknock._hmac": "fastknock/_hmac.pyx"}
+    if linux:
+        sources["fastknock.knockd._recv"] = "fastknock/knockd/_recv.pyx"
     ext_modules = cythonize(
         [
             Extension(
-                "fastknock._wire",
-                ["fastknock/_wire.pyx"],
+                name,
+                [source],
                 include_dirs=["fastknock"],
                 define_macros=macros,
                 extra_compile_args=cflags,
-            ),
-            Extension(
-                "fastknock._hmac",
-                ["fastknock/_hmac.pyx"],
-                include_dirs=["fastknock"],
-                define_macros=macros,
-                extra_compile_args=cflags,
-            ),
-            Extension(
-                "fastknock.knockd._recv",
-                ["fastknock/knockd/_recv.pyx"],
-                include_dirs=["fastknock"],
-                define_macros=macros,
-                extra_compile_args=cflags,
-            ),
+            )
+            for name, source in sources.items()
         ],
         compiler_directives={
             "language_level": "3",
@@ -46,5 +45,7 @@ if os.environ.get("FASTKNOCK_NO_EXTENSIONS") != "1":
             "linetrace": trace,
         },
     )
+    for ext in ext_modules:  # set here: cythonize() does not carry ``optional`` over
+        ext.optional = not linux
 
 setup(ext_modules=ext_modules)

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fastknock {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, verb in (("knock", "open"), ("revoke", "close again")):
+    for name, verb, port_verb in (("knock", "open", "open"), ("revoke", "close again", "close")):
         p = sub.add_parser(
             name,
             parents=[common],
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="PORT",
             type=_port,
             nargs="?",
-            help="the port to open, looked up in the config's [RESOURCES]",
+            help=f"the port to {port_verb}, looked up in the config's [RESOURCES]",
         )
         p.add_argument(
             "-r", "--resource", type=_hex_id, metavar="RES", help="resource id (hex), not PORT"
@@ -106,9 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         proto.add_argument("-U", "--udp", action="store_true", help="use UDP for the control port")
         p.add_argument("-4", "--ipv4", action="store_true", help="knock over IPv4")
         p.add_argument("-6", "--ipv6", action="store_true", help="knock over IPv6")
-    g = sub.add_parser(
+    g = sub.add_parser(  # no -c/-v: gen-key reads no config and has no steps to show
         "gen-key",
-        parents=[common],
         help="print a new random key line for [KEYS]",
         description="Print 'USERID = KEY' with 32 random bytes from the OS CSPRNG, ready "
         "to paste into [KEYS] of both the client and the server configuration.",

@@ -37,7 +37,7 @@ import resource as rlimit
 import signal
 import sys
 
-from fastknock import ipc
+from fastknock import __version__, ipc
 from fastknock.conf import config as configmod
 from fastknock.conf import permissions
 from fastknock.conf.config import Config
@@ -190,23 +190,75 @@ async def _reload(args: argparse.Namespace, daemon: Daemon) -> None:
         log.info("reloaded %s (checksum %s...)", cfg.source, cfg.checksum.hex()[:12])
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fastknockfwd", description=__doc__.splitlines()[0])
-    ap.add_argument("-c", "--config", default=configmod.DEFAULT_SERVER_CONFIG)
-    ap.add_argument("--rundir", default="/run")
-    ap.add_argument("--no-systemd", action="store_true", help="do not notify systemd")
-    ap.add_argument("--test-mode", action="store_true", help="also accept root peers")
-    ap.add_argument("--seccomp", choices=["off", "log", "kill"])
-    ap.add_argument("--server-user", default="fastknock", help="account of fastknockd")
-    ap.add_argument("--nft-exe", action="store_true", help="use [NFTABLES] exe, not libnftables")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    ap.add_argument("--list", action="store_true", help="print the live leases and exit")
+def build_parser() -> argparse.ArgumentParser:
+    conf = configmod.DEFAULT_SERVER_CONFIG
+    ap = argparse.ArgumentParser(
+        prog="fastknockfwd",
+        description="The privileged firewall daemon of fastknock: keeps only CAP_NET_ADMIN, "
+        "takes lease requests from fastknockd on a Unix socket, checks each against its own "
+        "copy of the config and applies it to nftables.",
+    )
+    ap.add_argument(
+        "-c",
+        "--config",
+        default=conf,
+        metavar="CONF",
+        help=f"server configuration file, the same as fastknockd's (default: {conf})",
+    )
+    ap.add_argument(
+        "--rundir",
+        default="/run",
+        metavar="DIR",
+        help="the socket and the PID file live in DIR/fastknockfwd/ (default: /run)",
+    )
+    ap.add_argument(
+        "--server-user",
+        default=privs.DEFAULT_USER,
+        metavar="USER",
+        help="the account fastknockd runs as: only its uid and gid may use the socket, which "
+        f"belongs to its group (default: {privs.DEFAULT_USER})",
+    )
+    ap.add_argument(
+        "--seccomp",
+        choices=["off", "log", "kill"],
+        help="override [GENERAL] seccomp: the system-call allow-list (log: log violations, "
+        "kill: kill the process on one; needs libnftables)",
+    )
+    ap.add_argument(
+        "--nft-exe", action="store_true", help="run [NFTABLES] exe instead of using libnftables"
+    )
     ap.add_argument(
         "--metrics-file",
         metavar="PATH",
         help="write counters in Prometheus text format to PATH (node_exporter textfile)",
     )
-    ap.add_argument("--metrics-interval", type=float, default=15.0, metavar="SECONDS")
+    ap.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="seconds between metrics writes (default: 15)",
+    )
+    ap.add_argument("--list", action="store_true", help="print the live leases and exit")
+    ap.add_argument(
+        "--no-systemd",
+        action="store_true",
+        help="ignore systemd: no socket activation, no sd_notify",
+    )
+    ap.add_argument(
+        "--test-mode",
+        action="store_true",
+        help="tests and debugging only: also accept requests from root (uid 0), and start "
+        "even if the server account does not exist; never in production (any root process "
+        "could then open ports)",
+    )
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("--version", action="version", version=f"fastknockfwd {__version__}")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.metrics_interval <= 0:
         ap.error("--metrics-interval must be positive")

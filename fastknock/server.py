@@ -124,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a TCP connection must send its first message within this time "
         "(default: 1.0; at most the control timeout)",
     )
-    p.add_argument("--no-systemd", action="store_true", help="ignore systemd socket activation")
+    p.add_argument(
+        "--no-systemd",
+        action="store_true",
+        help="ignore systemd: no socket activation, no sd_notify",
+    )
     p.add_argument(
         "--seccomp",
         choices=["off", "log", "kill"],

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from fastknock import ipc
 from tests import netns
 
 REPO = Path(__file__).resolve().parent.parent
@@ -548,7 +549,7 @@ class Stack:
 
     # -- lifecycle
 
-    def _spawn(self, name: str, argv: Sequence[str]) -> Daemon:
+    def _spawn(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Daemon:
         self._n += 1
         log = self.work / f"{name}.{self._n}.log"
         f = open(log, "wb")  # noqa: SIM115 (closed by Daemon.stop)
@@ -557,7 +558,7 @@ class Stack:
             [sys.executable, *argv],
             stdout=f,
             stderr=subprocess.STDOUT,
-            env=_env(),
+            env={**_env(), **(env or {})},
             cwd=str(REPO),
         )
         return Daemon(name, proc, log, f)
@@ -585,44 +586,52 @@ class Stack:
             ],
         )
         fwd = self.fwd
+        pidfile = Path(ipc.pid_path(str(self.rundir)))
 
-        def ready() -> bool:
+        def ready() -> bool:  # fastknockfwd writes its PID file last, after the privilege drop
             if not fwd.alive():
                 raise AssertionError(f"fastknockfwd exited:\n{fwd.text()}")
-            return sock.exists() and f"dport {CONTROL_PORT}" in self.nft(
-                "list", "chain", "inet", "filter", "LETMEIN-INPUT"
-            )
+            with contextlib.suppress(OSError):
+                return pidfile.read_text().strip() == str(fwd.pid)
+            return False
 
         wait_for("fastknockfwd", ready)
+        assert sock.exists()
+        assert f"dport {CONTROL_PORT}" in self.nft(
+            "list", "chain", "inet", "filter", "LETMEIN-INPUT"
+        )
         return fwd
 
     def start_server(self, extra: Sequence[str] = ()) -> Daemon:
         assert self.server is None or not self.server.alive()
-        self.server = self._spawn(
-            "fastknockd",
-            [
-                "-m",
-                "fastknock.server",
-                "-c",
-                str(self.server_conf),
-                "--rundir",
-                str(self.rundir),
-                "--no-systemd",
-                "--user",
-                SERVER_USER,
-                *(["-v"] if self.verbose else []),
-                *self.server_args,
-                *extra,
-            ],
-        )
-        server = self.server
+        # Readiness is sd_notify's READY=1, sent once fastknockd serves with its privileges
+        # dropped and its seccomp filter installed (a log line comes earlier). The socket is
+        # closed after it: later notifications are refused, which the daemon ignores.
+        notify_path = self.work / f"notify.{self._n + 1}.sock"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            notify.bind(str(notify_path))
+            os.chmod(notify_path, 0o777)  # noqa: S103 -- fastknockd notifies after the drop
+            notify.setblocking(False)
+            argv = ["-m", "fastknock.server", "-c", str(self.server_conf), "--rundir",
+                    str(self.rundir), "--user", SERVER_USER, *(["-v"] if self.verbose else []),
+                    *self.server_args, *extra]  # fmt: skip
+            self.server = self._spawn("fastknockd", argv, {"NOTIFY_SOCKET": str(notify_path)})
+            server = self.server
 
-        def ready() -> bool:
-            if not server.alive():
-                raise AssertionError(f"fastknockd exited:\n{server.text()}")
-            return "listening on port" in server.text()
+            def ready() -> bool:
+                if not server.alive():
+                    raise AssertionError(f"fastknockd exited:\n{server.text()}")
+                try:
+                    return notify.recv(100) == b"READY=1"
+                except BlockingIOError:
+                    return False
 
-        wait_for("fastknockd", ready)
+            wait_for("fastknockd", ready)
+        finally:
+            notify.close()
+            with contextlib.suppress(FileNotFoundError):
+                notify_path.unlink()
         return server
 
     def _stop_all(self) -> None:

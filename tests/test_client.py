@@ -218,3 +218,23 @@ def test_console_entry_point_help_and_gen_key() -> None:
         check=True,
     ).stdout
     assert re.fullmatch(r"00000000 = [0-9A-F]{64}\n", key)
+
+
+def test_help_texts_say_what_each_command_does() -> None:
+    """revoke's PORT is the port to close; gen-key offers no -c/-v (it reads no config)."""
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+
+    def help_of(*argv: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fastknock.cli", *argv, "--help"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return " ".join(proc.stdout.split())
+
+    assert "the port to open" in help_of("knock")
+    revoke = help_of("revoke")
+    assert "the port to close" in revoke and "the port to open" not in revoke
+    gen_key = help_of("gen-key")
+    assert "--user" in gen_key and "--config" not in gen_key and "--verbose" not in gen_key

@@ -14,6 +14,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import pwd
 import re
 import resource
 import shutil
@@ -442,8 +443,9 @@ def test_bad_requests_are_refused_and_daemon_keeps_serving(env: Env) -> None:
     slow.settimeout(10)
     assert slow.recv(64) == b""  # dropped after control-timeout
     slow.close()
-    # A peer with another uid (but group access to the socket) is refused.
-    reply = _as_user(65534, 0, fwd.path, good)
+    # A peer with another uid (but group access to the socket) is refused. The socket's
+    # group is the server account's (or root's, in test mode without that account).
+    reply = _as_user(pwd.getpwnam("nobody").pw_uid, os.stat(fwd.path).st_gid, fwd.path, good)
     assert ipc.decode_reply(reply) == FwStatus.NOT_PERMITTED
     # IPv4-mapped IPv6 is an IPv4 client.
     assert fwd.install(0x42, "::ffff:" + env.pair.client_v4[1]) == FwStatus.ACK
@@ -461,9 +463,10 @@ def test_server_account_checked_without_test_mode(env: Env) -> None:
     sock_dir = os.path.dirname(fwd.path)
     st_dir, st_sock = os.stat(sock_dir), os.stat(fwd.path)
     assert (st_dir.st_mode & 0o777, st_sock.st_mode & 0o777) == (0o750, 0o660)
-    assert st_dir.st_gid == st_sock.st_gid == 65534 and st_sock.st_uid == 0
+    nobody = pwd.getpwnam("nobody")
+    assert st_dir.st_gid == st_sock.st_gid == nobody.pw_gid and st_sock.st_uid == 0
     req = ipc.FwRequest(FwOp.INSTALL, USER, 0x42, ipaddress.ip_address(me), fwd.checksum)
-    reply = _as_user(65534, 65534, fwd.path, ipc.encode_request(req))
+    reply = _as_user(nobody.pw_uid, nobody.pw_gid, fwd.path, ipc.encode_request(req))
     assert ipc.decode_reply(reply) == FwStatus.ACK
     with open(ipc.pid_path(fwd.rundir)) as f:
         assert int(f.read()) == fwd.proc.pid  # type: ignore[union-attr]

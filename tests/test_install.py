@@ -1,13 +1,22 @@
-"""fastknock-install below a temporary root: files, modes, matching keys, units; idempotent;
-uninstall removes the units and keeps the keys."""
+"""fastknock-install below a temporary root: files, modes, matching keys, units, man pages;
+idempotent; uninstall removes units and pages and keeps the keys; the units as
+``systemd-analyze verify`` reads them; ProtectHome= with an installation below a home."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from fastknock import install
 from fastknock.conf.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def mode(path: Path) -> int:
@@ -41,3 +50,75 @@ def test_install_and_uninstall(tmp_path: Path) -> None:
     assert install.main(["--root", str(tmp_path), "--uninstall"]) == 0
     assert not any((units / name).exists() for name in install.UNITS)
     assert (etc / "fastknockd.conf").read_bytes() == before
+    assert not (tmp_path / "usr" / "local" / "share" / "man" / "man8" / "fastknockd.8").exists()
+
+
+def test_man_pages_installed(tmp_path: Path) -> None:
+    assert install.main(["--root", str(tmp_path), "--bindir", "/opt/fk/bin"]) == 0
+    man = tmp_path / "usr" / "local" / "share" / "man"
+    assert sorted(str(p.relative_to(man)) for p in man.rglob("*.[158]")) == [
+        "man1/fastknock.1",
+        "man5/fastknock.conf.5",
+        "man8/fastknock-install.8",
+        "man8/fastknockd.8",
+        "man8/fastknockfwd.8",
+    ]
+
+
+def test_protect_home_keeps_an_installation_below_home_visible(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ProtectHome=yes would hide a venv in /root or /home (the unit could not even exec
+    it): then only those directories are bound in, read-only. Control: /opt stays as is."""
+    template = (REPO / "fastknock" / "units" / "fastknockd.service").read_text()
+    monkeypatch.setattr(sys, "prefix", "/opt/fastknock")
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    plain = install.unit_text(template, "/opt/fastknock/bin")
+    assert "ProtectHome=yes\n" in plain and "BindReadOnlyPaths" not in plain
+    monkeypatch.setattr(sys, "prefix", "/root/venv")
+    monkeypatch.setattr(sys, "base_prefix", "/home/alice/.pyenv/versions/3.11.7")
+    text = install.unit_text(template, "/root/venv/bin")
+    assert "ProtectHome=yes" not in text
+    assert (
+        "ProtectHome=tmpfs\nBindReadOnlyPaths=/root/venv /home/alice/.pyenv/versions/3.11.7\n"
+        in text
+    )
+    # ...but /root is 0700 (systemd's tmpfs for it as well): fastknockd's account cannot
+    # enter it, which fastknock-install says. Below /home the bind is enough.
+    warning = install.root_only_warning("/root/venv/bin")
+    assert warning is not None and "/root/venv" in warning and "/opt/fastknock" in warning
+    monkeypatch.setattr(sys, "prefix", "/home/alice/venv")
+    assert install.root_only_warning("/home/alice/venv/bin") is None
+    home = install.unit_text(template, "/home/alice/venv/bin")
+    assert "BindReadOnlyPaths=/home/alice/venv /home/alice/.pyenv/versions/3.11.7\n" in home
+
+
+def _verify(units: Path, man: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, SYSTEMD_UNIT_PATH=f"{units}:", MANPATH=str(man), SYSTEMD_PAGER="")
+    return subprocess.run(
+        ["systemd-analyze", "verify", *(str(units / name) for name in install.UNITS)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The installed units as systemd reads them: every directive parses, ExecStart is an
+    executable of this installation, and each Documentation= page is installed (verify
+    runs man for it). Control: a unit naming a missing page fails."""
+    if shutil.which("systemd-analyze") is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-analyze missing (apt package systemd)")
+        pytest.skip("systemd-analyze missing (apt package systemd)")
+    bindir = install.default_bindir()
+    if not os.access(os.path.join(bindir, "fastknockd"), os.X_OK):
+        pytest.skip("fastknock's programs are not installed (make setup installs them)")
+    assert install.main(["--root", str(tmp_path)]) == 0
+    units = tmp_path / "etc" / "systemd" / "system"
+    man = tmp_path / "usr" / "local" / "share" / "man"
+    assert f"ExecStart={bindir}/fastknockd " in (units / "fastknockd.service").read_text()
+    proc = _verify(units, man)
+    assert proc.returncode == 0 and proc.stdout + proc.stderr == "", proc.stdout + proc.stderr
+    service = units / "fastknockfwd.service"
+    service.write_text(service.read_text().replace("fastknockfwd(8)", "fastknock-nosuch(8)"))
+    proc = _verify(units, man)
+    assert proc.returncode != 0 and "fastknock-nosuch" in proc.stderr

@@ -70,3 +70,21 @@ def test_not_root_is_a_no_op() -> None:
         "print(privs.drop_to('nobody'), privs.keep_only_net_admin())\n"
     )
     assert proc.stdout.split() == ["False", "False"], proc.stderr
+
+
+@needs_root
+def test_libc_is_looked_up_once() -> None:
+    """``find_library`` runs ``ldconfig -p`` in a subprocess; the ~40 prctl calls of a drop
+    must not (a slow drop leaves a half-dropped process visible for long). Control: the
+    counter sees the first lookup."""
+    proc = child(
+        "import ctypes.util; from fastknock.osutil import privs\n"
+        "real, calls = ctypes.util.find_library, []\n"
+        "ctypes.util.find_library = lambda name: calls.append(name) or real(name)\n"
+        "privs.no_new_privs()\n"
+        "first = len(calls)\n"
+        "assert privs.keep_only_net_admin()\n"
+        "print(first, len(calls))\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "1"]

@@ -81,6 +81,16 @@ def stack(metrics_dir: Path) -> Iterator[Stack]:
         s.close()
 
 
+def _worker_pids(stack: Stack) -> list[int]:
+    """The PIDs the supervisor logs once it has forked every worker (a worker may be
+    serving, and the stack ready, before that line is written)."""
+    pattern = re.compile(r"workers started: pids ([\d ]+)\n")
+    wait_for("workers started", lambda: pattern.search(stack.server_log()) is not None)
+    match = pattern.search(stack.server_log())
+    assert match is not None
+    return [int(p) for p in match.group(1).split()]
+
+
 def _metric(text: str, name: str, labels: str = "") -> float:
     m = re.search(rf"^{re.escape(name)}\{{[^}}]*{labels}[^}}]*\}} (\S+)$", text, re.M)
     if m is None:
@@ -105,8 +115,7 @@ def _knock(stack: Stack, src: str) -> bool:
 
 def test_two_workers_serve_and_count(stack: Stack, metrics_dir: Path) -> None:
     assert stack.server is not None
-    pids = [int(p) for p in re.findall(r"workers started: pids ([\d ]+)", stack.server_log())[0]
-            .split()]  # fmt: skip
+    pids = _worker_pids(stack)
     assert len(pids) == 2 and all(os.path.exists(f"/proc/{p}") for p in pids)
     _, me, other = stack.addrs(v6=False)
     assert all(_knock(stack, me) for _ in range(KNOCKS))
@@ -139,8 +148,7 @@ def test_two_workers_serve_and_count(stack: Stack, metrics_dir: Path) -> None:
 
 def test_a_dead_worker_stops_the_group(stack: Stack) -> None:
     assert stack.server is not None
-    pids = [int(p) for p in re.findall(r"workers started: pids ([\d ]+)", stack.server_log())[0]
-            .split()]  # fmt: skip
+    pids = _worker_pids(stack)
     os.kill(pids[0], signal.SIGKILL)  # our own child process, by PID
     wait_for("group stopped", lambda: not stack.server.alive())  # type: ignore[union-attr]
     assert stack.server.proc.returncode == 128 + signal.SIGKILL
@@ -150,8 +158,7 @@ def test_a_dead_worker_stops_the_group(stack: Stack) -> None:
 def test_sighup_reloads_every_worker(stack: Stack) -> None:
     """SIGHUP to the supervising parent reaches each worker (they reload; the group lives)."""
     assert stack.server is not None
-    pids = [int(p) for p in re.findall(r"workers started: pids ([\d ]+)", stack.server_log())[0]
-            .split()]  # fmt: skip
+    pids = _worker_pids(stack)
     stack.server.send_signal(signal.SIGHUP)
     wait_for("both workers reloaded", lambda: stack.server_log().count("reloaded ") == 2)
     assert stack.server.alive() and all(os.path.exists(f"/proc/{p}") for p in pids)
@@ -167,7 +174,8 @@ def test_workers_under_seccomp_kill() -> None:
     try:
         _, me, _ = s.addrs(v6=False)
         assert all(_knock(s, me) for _ in range(6))
-        assert s.server_log().count("seccomp (kill) installed for server") == 2
+        installed = "seccomp (kill) installed for server"
+        wait_for("both filters", lambda: s.server_log().count(installed) == 2)
         assert s.server is not None and s.server.stop() == 0
         assert "Traceback" not in s.server_log()
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import grp
 import os
 import pwd
@@ -29,7 +30,10 @@ CAP_NET_ADMIN = 12
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
+    """Loaded once: ``find_library`` runs ``ldconfig -p`` (a subprocess) on every call, and a
+    privilege drop makes ~40 prctl calls."""
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
