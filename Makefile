@@ -33,6 +33,7 @@ bench: setup
 	$(PY) -m pytest bench -p no:cacheprovider --benchmark-enable -q
 	$(PY) bench/bench_fwd_install.py
 	PYTHONPATH=. $(PY) bench/bench_peer.py
+	PYTHONPATH=. $(PY) bench/bench_reject_cost.py
 
 # The flood benchmark (root): its own namespaces, both daemons, a C flood generator.
 FLOOD_ARGS ?=
