@@ -4,7 +4,7 @@
 PY ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit lint bench bench-flood debug dist clean
+.PHONY: setup demo test unit lint bench bench-flood fuzz debug dist clean
 
 setup:
 	bash scripts/setup.sh
@@ -25,8 +25,8 @@ unit:
 	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
 
 lint:
-	$(PY) -m ruff check fastknock tests bench scripts
-	$(PY) -m ruff format --check fastknock tests bench scripts
+	$(PY) -m ruff check fastknock tests bench scripts fuzz
+	$(PY) -m ruff format --check fastknock tests bench scripts fuzz
 	$(PY) -m mypy
 
 bench: setup
@@ -39,6 +39,12 @@ bench: setup
 FLOOD_ARGS ?=
 bench-flood: setup
 	$(PY) bench/flood/run.py $(FLOOD_ARGS)
+
+# The atheris fuzz targets (fuzz/), one after the other, FUZZ_SECONDS each; prints
+# executions, crashes, differences and violations per target and fails on any of them.
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 # Line-tracing build of the extensions (coverage / profilers see Cython lines).
 debug:

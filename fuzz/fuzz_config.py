@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
 import unicodedata
+from collections.abc import Iterator
 
 import atheris
 import harness
@@ -48,7 +48,9 @@ def parse(data: bytes, role: str) -> object:
         problem = unsafe_text(str(exc))
         if problem is not None:
             what = problem.split(" (")[0]
-            raise Violation(f"error message shows {what}", f"{problem}: {short(str(exc))}")
+            raise Violation(
+                f"error message shows {what}", f"{problem}: {short(str(exc))}"
+            ) from None
         return exc
 
 

@@ -117,7 +117,7 @@ class Recorder:
         counts = list(_COUNTS.unpack_from(self._map))
         counts[index] += 1
         _COUNTS.pack_into(self._map, 0, *counts)
-        name = f"{kind}-{hashlib.sha1(signature.encode()).hexdigest()[:12]}"
+        name = f"{kind}-{hashlib.sha1(signature.encode(), usedforsecurity=False).hexdigest()[:12]}"
         if name in self._seen:
             return
         self._seen.add(name)
@@ -147,7 +147,7 @@ def write_seeds(directory: str, seeds: Iterable[bytes]) -> int:
         os.unlink(os.path.join(directory, old))
     names = set()
     for data in seeds:
-        name = hashlib.sha1(data).hexdigest()
+        name = hashlib.sha1(data, usedforsecurity=False).hexdigest()
         names.add(name)
         with open(os.path.join(directory, name), "wb") as f:
             f.write(data)

@@ -57,6 +57,10 @@ pip=("$PY" -m pip install -q)
 pip_help=$("$PY" -m pip install --help 2>/dev/null || true)
 [[ $pip_help != *--break-system-packages* ]] || pip+=(--break-system-packages)
 "${pip[@]}" -r requirements-dev.txt
+# atheris drives the fuzz targets (make fuzz; CI's smoke). It installs from a manylinux wheel
+# (checked on CPython 3.11); without a wheel pip compiles it, which needs clang + libFuzzer.
+# Its absence only disables fuzzing, so it does not fail the set-up.
+"${pip[@]}" "atheris>=2.3" || echo "setup: atheris not installed: make fuzz will not run" >&2
 "$PY" setup.py -q build_ext --inplace
 "${pip[@]}" --no-build-isolation -e .
 echo "setup: done ($("$PY" -c 'import fastknock.wire as w, fastknock.mac as m; print("wire:", w.IMPLEMENTATION, "mac:", m.IMPLEMENTATION)'))"
