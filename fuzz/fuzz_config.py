@@ -13,7 +13,6 @@ these and tests/compat's letmein files (``fuzz/run.py`` passes that directory to
 from __future__ import annotations
 
 import re
-import sys
 import unicodedata
 from collections.abc import Iterator
 
@@ -102,4 +101,3 @@ def seeds() -> Iterator[bytes]:
 
 if __name__ == "__main__":
     harness.main("config", one, seeds)
-    sys.exit(0)

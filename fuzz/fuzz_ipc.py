@@ -12,7 +12,6 @@ read from a connection (the reply decoder gets them too).
 from __future__ import annotations
 
 import ipaddress
-import sys
 from collections.abc import Iterator
 
 import atheris
@@ -90,4 +89,3 @@ def seeds() -> Iterator[bytes]:
 
 if __name__ == "__main__":
     harness.main("ipc", one, seeds)
-    sys.exit(0)

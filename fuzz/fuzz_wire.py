@@ -18,7 +18,6 @@ Input layout: byte 0 = flags, then the datagram (or the key and data of a digest
 from __future__ import annotations
 
 import struct
-import sys
 from collections.abc import Iterator
 
 import atheris
@@ -155,4 +154,3 @@ def seeds() -> Iterator[bytes]:
 
 if __name__ == "__main__":
     harness.main("wire", one, seeds)
-    sys.exit(0)

@@ -1,0 +1,236 @@
+"""Fuzz target "recv": fastknockd's batched UDP reader on real loopback sockets, C vs Python.
+
+Invariant: for any sequence of datagrams sent over 127.0.0.1 (or to a dual-stack socket),
+with any reader settings and any sessions the endpoint opens and ends as datagrams are
+handed up, the C reader (``fastknock.knockd._recv`` + the C key ring) and the pure-Python
+reference (``_recv_py`` + the Python key ring) return the same counts from every
+``drain()``, the same counters from every ``take()``, hand up the same datagrams with the
+same addresses in the same order, and leave the endpoint with the same sessions; neither
+raises. The reference decides one datagram at a time, the C reader a batch of 64 at once:
+this is the check that batching changes nothing a peer or an operator can see.
+
+Each execution gets fresh readers and endpoints over sockets reused between executions (a
+socket per family and implementation, four clients). Every datagram goes to both servers
+from the same client, so both see the same sources in the same order.
+
+Input layout (a byte stream; missing bytes read as zero):
+  byte 0: bit 0 dual-stack server (else IPv4), bit 1 pass_rejects, bits 2-3 budget - 1,
+          bit 4 a custom allowed_ops mask from the next byte (else FIRST_OPS)
+  then up to 4 rounds, each: a byte n (n & 0x7F) + 1 datagrams, then per datagram a byte
+  d -- client d & 3, kind (d >> 2) & 7, the endpoint's action when it is handed up d >> 5
+  -- and 2 salt bytes (kinds 0-5, 7) or a length and that many bytes (kind 6, raw).
+  After a round: drain until a drain reads nothing, then compare.
+  Kinds: 0 KNOCK, 1 REVOKE, 2 RESPONSE-shaped (unsigned), 3 KNOCK with a bad MAC,
+  4 unknown user, 5 bad magic, 6 raw bytes (0-100 of them), 7 signed CHALLENGE.
+  Actions: 1 and 4 open a session for the peer, 2 ends the peer's session, 3 makes the
+  handler raise (a bug in it: counted, never fatal); others do nothing.
+
+Reader API: the one with a ``peers`` mapping the reader consults (``Endpoint`` below is
+the only code that knows it). Sessions end only from the handler here: with this API a
+session ended elsewhere (a timer) may cost the C reader extra hand-ups by design.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from collections.abc import Iterator
+
+import atheris
+import harness
+from harness import Difference, same
+
+with atheris.instrument_imports():
+    from fastknock import _hmac, _hmac_py
+    from fastknock._wire_py import pack
+    from fastknock.knockd import _recv, _recv_py
+    from fastknock.knockd._recv_py import COUNTERS
+    from fastknock.message import MAGIC, Operation
+    from fastknock.protocol import FIRST_OPS
+
+logging.getLogger("fastknockd").disabled = True  # the handler's deliberate failures
+USER, OTHER_USER, RESOURCE = 0x00000001, 0x00000002, 0x00000022
+KEY = bytes.fromhex("80E9C81DFA4879B2C64910E1B6870DA42DFB82261B76C859F3A0F5A09DEA2A3D")
+SIGNER = _hmac_py.HmacKey(KEY)
+IMPLS = ((_recv, _hmac.KeyRing({USER: KEY})), (_recv_py, _hmac_py.KeyRing({USER: KEY})))
+MAX_ROUNDS = 4
+
+
+class Endpoint:
+    """What the reader hands up to: records it and opens/ends sessions as told."""
+
+    def __init__(self, impl: object, sock: socket.socket, ring: object, actions: dict,
+                 **settings: object) -> None:  # fmt: skip
+        self.peers: dict[tuple, bool] = {}
+        self.got: list[tuple[bytes, tuple]] = []
+        self.actions = actions
+        self.reader = impl.Reader(sock, ring, self.handle, self.peers, **settings)  # type: ignore[attr-defined]
+
+    def handle(self, data: bytes, addr: tuple) -> None:
+        self.got.append((data, addr))
+        action = self.actions.get(data, 0)
+        if action in (1, 4):
+            self.peers[addr[:2]] = True
+        elif action == 2:
+            self.peers.pop(addr[:2], None)
+        elif action == 3:
+            raise RuntimeError("handler bug (deliberate)")
+
+    def sessions(self) -> list[tuple]:
+        return sorted(self.peers)
+
+
+class Net:
+    """The sockets: per family a server for each implementation, and the clients."""
+
+    def __init__(self) -> None:
+        self.servers: dict[int, tuple[socket.socket, socket.socket]] = {}
+        for family in (socket.AF_INET, socket.AF_INET6):
+            pair = tuple(self._server(family) for _ in IMPLS)
+            self.servers[family] = pair  # type: ignore[assignment]
+        self.clients = []
+        for _ in range(4):
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.bind(("127.0.0.1", 0))
+            self.clients.append(c)
+
+    @staticmethod
+    def _server(family: int) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", 0))
+        else:
+            sock.bind(("127.0.0.1", 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        sock.setblocking(False)
+        return sock
+
+    @staticmethod
+    def empty(sock: socket.socket) -> None:
+        while True:
+            try:
+                sock.recv(128)
+            except BlockingIOError:
+                return
+
+
+NET = Net()
+
+
+class Stream:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out.ljust(n, b"\0")
+
+    def byte(self) -> int:
+        return self.take(1)[0]
+
+    def more(self) -> bool:
+        return self.pos < len(self.data)
+
+
+@atheris.instrument_func
+def datagram(kind: int, stream: Stream, seq: int) -> bytes:
+    if kind == 6:
+        return stream.take(stream.byte() % 101)
+    salt = seq.to_bytes(2, "big") + stream.take(2) + bytes(4)  # unique per execution
+    op = {1: Operation.REVOKE, 2: Operation.RESPONSE, 7: Operation.CHALLENGE}.get(
+        kind, Operation.KNOCK
+    )
+    user = OTHER_USER if kind == 4 else USER
+    auth = SIGNER.sign(op, user, RESOURCE, salt)
+    if kind == 2:
+        auth = bytes(32)
+    elif kind == 3:
+        auth = bytes([auth[0] ^ 1]) + auth[1:]
+    data = pack(op, user, RESOURCE, salt, auth)
+    if kind == 5:
+        data = struct.pack(">I", MAGIC ^ 0x100) + data[4:]
+    return data
+
+
+def drain_all(reader: object) -> list[tuple[int, tuple[int, ...]]]:
+    """Every drain's count and the counters after it, until a drain reads nothing."""
+    out = []
+    while True:
+        n = reader.drain()  # type: ignore[attr-defined]
+        out.append((n, reader.take()))  # type: ignore[attr-defined]
+        if n == 0 or len(out) > 64:
+            return out
+
+
+@atheris.instrument_func
+def one(data: bytes) -> None:
+    stream = Stream(data)
+    flags = stream.byte()
+    family = socket.AF_INET6 if flags & 1 else socket.AF_INET
+    settings = {
+        "pass_rejects": bool(flags & 2),
+        "budget": ((flags >> 2) & 3) + 1,
+        "allowed_ops": stream.byte() & 0x3F if flags & 0x10 else FIRST_OPS,
+    }
+    servers = NET.servers[family]
+    for sock in servers:
+        NET.empty(sock)
+    actions: dict[bytes, int] = {}
+    ends = [
+        Endpoint(impl, sock, ring, actions, **settings)
+        for (impl, ring), sock in zip(IMPLS, servers, strict=True)
+    ]
+    dests = [sock.getsockname()[:2] for sock in servers]
+    dests = [("127.0.0.1", port) for _, port in dests]
+    seq = 0
+    for _round in range(MAX_ROUNDS):
+        if not stream.more():
+            break
+        for _ in range((stream.byte() & 0x7F) + 1):
+            d = stream.byte()
+            seq += 1
+            payload = datagram((d >> 2) & 7, stream, seq)
+            actions[payload] = d >> 5
+            client = NET.clients[d & 3]
+            for dest in dests:
+                client.sendto(payload, dest)
+        c_drains, py_drains = (drain_all(end.reader) for end in ends)
+        # What a peer can see first (which datagrams reach the protocol), then the rest.
+        same("handed-up datagrams", ends[0].got, ends[1].got)
+        same("sessions", ends[0].sessions(), ends[1].sessions())
+        same("drain() counts", [n for n, _ in c_drains], [n for n, _ in py_drains])
+        for (_, c_counts), (_, py_counts) in zip(c_drains, py_drains, strict=True):
+            fields = [f for f, c, p in zip(COUNTERS, c_counts, py_counts, strict=True) if c != p]
+            if fields:
+                raise Difference(
+                    f"take() counters {' '.join(fields)}", f"{c_drains} vs {py_drains}"
+                )
+
+
+def seeds() -> Iterator[bytes]:
+    """A knock then its session's follow-up; the batch that ends one session and starts
+    another (issue 12 finding 7); full batches (64, 65, 128 datagrams) with budget 1; every
+    kind with every action under each setting; a custom allowed_ops mask."""
+
+    def dgram(client: int, kind: int, action: int, salt: int = 0) -> bytes:
+        extra = bytes([30]) + b"r" * 30 if kind == 6 else bytes([salt, 0])
+        return bytes([client | kind << 2 | action << 5]) + extra
+
+    follow = dgram(0, 2, 0)
+    yield b"\0" + b"\x01" + dgram(0, 0, 1) + follow
+    yield b"\0" + b"\x00" + dgram(1, 0, 1) + b"\x02" + dgram(1, 2, 2) + dgram(0, 0, 1) + follow
+    for family in (0, 1):
+        for n in (64, 65, 128):
+            body = b"".join(dgram(i & 3, i % 6, i % 5, i) for i in range(n))
+            yield bytes([family, n - 1]) + body
+    every = b"".join(dgram(k & 3, k, a) for k in range(8) for a in range(8))
+    for flags in (0, 1, 2, 3, 0x0C):
+        yield bytes([flags, 63]) + every
+    yield b"\x10\x3f\x03" + dgram(0, 7, 1) + dgram(0, 0, 0) + dgram(1, 1, 0) + dgram(2, 3, 0)
+
+
+if __name__ == "__main__":
+    harness.main("recv", one, seeds)
