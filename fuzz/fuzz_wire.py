@@ -73,6 +73,7 @@ def _codec(data: object) -> None:
             raise Difference("parse raised a non-WireError", repr(py[1]))
         return
     msg = py[1]
+    same("parse field types", [type(f) for f in c[1]], [type(f) for f in msg])
     raw = bytes(data)  # type: ignore[call-overload]
     for name, codec in (("C", _wire), ("Python", _wire_py)):
         if codec.serialize(msg) != raw or codec.pack(*msg) != raw:

@@ -1,8 +1,8 @@
 """Run the fuzz targets one after the other and print what each did.
 
-Usage: ``python3 fuzz/run.py [--seconds N] [--seed] [TARGET...]`` (``make fuzz``; the
-default is every target for ``FUZZ_SECONDS`` seconds, 60 unless set). Exit status 1 if any
-target crashed, found a difference or a violation, or did not run.
+Usage: ``python3 fuzz/run.py [--seconds N] [--seed | --merge] [TARGET...]`` (``make fuzz``;
+the default is every target for ``FUZZ_SECONDS`` seconds, 60 unless set). Exit status 1 if
+any target crashed, found a difference or a violation, or did not run.
 
 Design
 ------
@@ -17,7 +17,9 @@ Design
 * Executions come from libFuzzer's final statistics; crashes are the target's own count
   (an exception the invariant forbids) plus libFuzzer's artifacts (a timeout, running out
   of memory, a crash in C); differences and violations are the target's counts.
-* ``--seed`` rewrites ``fuzz/corpus/<target>`` from each target's ``seeds()`` instead.
+* ``--seed`` rewrites ``fuzz/corpus/<target>`` from each target's ``seeds()`` instead;
+  ``--merge`` adds to it the inputs of the grown corpus (``build/fuzz/<target>/corpus``)
+  that reach coverage the checked-in ones do not (libFuzzer's ``-merge=1``).
 """
 
 from __future__ import annotations
@@ -125,17 +127,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=int(os.environ.get("FUZZ_SECONDS", 60)))
     parser.add_argument("--seed", action="store_true", help="rewrite fuzz/corpus/<target>")
+    parser.add_argument("--merge", action="store_true", help="grow fuzz/corpus/<target>")
     parser.add_argument("targets", nargs="*", metavar="TARGET", help=" ".join(TARGETS))
     args = parser.parse_args()
     targets = args.targets or list(TARGETS)
     unknown = set(targets) - set(TARGETS)
     if unknown:
         parser.error(f"unknown target(s): {' '.join(sorted(unknown))}")
-    if args.seed:
+    if args.seed or args.merge:
         for name in targets:
             script = os.path.join(HERE, f"fuzz_{name}.py")
             out = os.path.join(HERE, "corpus", name)
-            subprocess.run([sys.executable, script, "--seed", out], env=env_for(""), check=True)
+            grown = os.path.join(ROOT, "build", "fuzz", name, "corpus")
+            cmd = [sys.executable, script, "--seed", out]
+            if args.merge:
+                cmd = [sys.executable, script, "-merge=1", out, grown]
+            workdir = os.path.join(ROOT, "build", "fuzz", name, "merge")
+            subprocess.run(cmd, env=env_for(workdir), check=True)
         return 0
     results = []
     for name in targets:

@@ -84,31 +84,41 @@ def test_check_int_mask_control(ring: object) -> None:
     assert ring.check(bytes(56), 0x21) == (Reason.MAGIC, None)  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("mask", [33.5, 33.0, -0.5], ids=["33.5", "33.0", "-0.5"])
+FLOAT_MASKS = [33.5, 33.0, -0.5, float("nan"), float("inf"), 2.0**32]
+
+
+def raised_by_check(ring: object, mask: float) -> type[BaseException] | None:
+    try:
+        ring.check(bytes(56), mask)  # type: ignore[attr-defined]
+    except Exception as exc:
+        return type(exc)
+    return None
+
+
+@pytest.mark.parametrize("mask", FLOAT_MASKS, ids=str)
 def test_check_float_mask_python_raises(mask: float) -> None:
     from fastknock._hmac_py import KeyRing
 
-    with pytest.raises(TypeError):
-        KeyRing({1: bytes(32)}).check(bytes(56), mask)  # type: ignore[arg-type]
+    assert raised_by_check(KeyRing({1: bytes(32)}), mask) is TypeError
 
 
 # issue 12 finding 7: the C KeyRing.check truncates a float allowed_ops (33.5 -> 33) where
-# the Python reference raises TypeError; fuzz_wire reports it as a difference.
+# the Python reference raises TypeError (and raises ValueError for nan, OverflowError for
+# inf and 2**32); fuzz_wire reports each as a difference.
 @pytest.mark.skipif(NO_EXTENSIONS, reason="FASTKNOCK_NO_EXTENSIONS=1")
 @pytest.mark.xfail(
     strict=True,
-    raises=pytest.fail.Exception,
-    reason="issue 12 finding 7: C check truncates a float mask",
+    raises=AssertionError,
+    reason="issue 12 finding 7: C check takes a float mask",
 )
-@pytest.mark.parametrize("mask", [33.5, 33.0, -0.5], ids=["33.5", "33.0", "-0.5"])
+@pytest.mark.parametrize("mask", FLOAT_MASKS, ids=str)
 def test_check_float_mask_c_raises(mask: float) -> None:
     from fastknock._hmac import KeyRing
 
-    with pytest.raises(TypeError):
-        KeyRing({1: bytes(32)}).check(bytes(56), mask)  # type: ignore[arg-type]
+    assert raised_by_check(KeyRing({1: bytes(32)}), mask) is TypeError
 
 
-# -- the batched UDP reader: counters (fuzz_recv) ---------------------------------------------
+# -- the batched UDP reader (fuzz_recv) ------------------------------------------------------
 
 RECV_IMPLS = [("py", "fastknock.knockd._recv_py", "fastknock._hmac_py")]
 if not NO_EXTENSIONS:
@@ -116,62 +126,95 @@ if not NO_EXTENSIONS:
 RECV_KEY = bytes(range(32))
 
 
-def signed_knock() -> bytes:
+def signed(op: int = 0) -> bytes:
+    """A fresh datagram from user 1: KNOCK (passes the check) or unsigned RESPONSE (not)."""
     from fastknock._hmac_py import HmacKey
     from fastknock._wire_py import pack
 
     salt = os.urandom(8)
-    return pack(0, 1, 0x22, salt, HmacKey(RECV_KEY).sign(0, 1, 0x22, salt))
+    auth = HmacKey(RECV_KEY).sign(op, 1, 0x22, salt) if op == 0 else bytes(32)
+    return pack(op, 1, 0x22, salt, auth)
 
 
-def live_hits_of(impl: tuple[str, str, str], one_batch: bool) -> dict[str, int]:
-    """Two KNOCKs from one peer whose first opens a session, in one batch or in two
-    drains; the reader's counters. (The endpoint here opens the session as the ``peers``
-    mapping the reader consults, the Reader API of this writing.)"""
+def run_reader(
+    impl: tuple[str, str, str], rounds: list[list[tuple[int, bytes]]], actions: dict[bytes, str]
+) -> tuple[list[bytes], dict[str, int]]:
+    """Send each round's (client, datagram) over loopback, drain once per round; returns
+    the handed-up datagrams and the summed counters. The endpoint opens or ends the
+    sender's session when ``actions`` says so for a datagram. (It keeps its sessions in
+    the ``peers`` mapping the reader consults: the Reader API of this writing.)"""
     _, recv_name, mac_name = impl
     recv, mac = importlib.import_module(recv_name), importlib.import_module(mac_name)
     peers: dict[tuple, object] = {}
+    got: list[bytes] = []
 
     def handler(data: bytes, addr: tuple) -> None:
-        peers[addr[:2]] = object()
+        got.append(data)
+        if actions.get(data) == "open":
+            peers[addr[:2]] = object()
+        elif actions.get(data) == "end":
+            peers.pop(addr[:2], None)
 
+    totals = dict.fromkeys(recv.COUNTERS, 0)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as srv:
         srv.bind(("127.0.0.1", 0))
         srv.setblocking(False)
         reader = recv.Reader(srv, mac.KeyRing({1: RECV_KEY}), handler, peers)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
-            read = 0
-            for _ in range(2):
-                client.sendto(signed_knock(), srv.getsockname())  # loopback: queued at once
-                if not one_batch:
-                    read += reader.drain()
-            read += reader.drain() if one_batch else 0
-        assert read == 2
-        return dict(zip(recv.COUNTERS, reader.take(), strict=True))
+        clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+        try:
+            for batch in rounds:
+                for client, data in batch:
+                    clients[client].sendto(data, srv.getsockname())  # loopback: queued now
+                assert reader.drain() == len(batch)
+                for name, value in zip(recv.COUNTERS, reader.take(), strict=True):
+                    totals[name] += value
+        finally:
+            for c in clients:
+                c.close()
+    return got, totals
+
+
+def xfail_on_c(reason: str) -> list[object]:
+    mark = pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
+    return [pytest.param(i, id=i[0], marks=[mark] if i[0] == "c" else []) for i in RECV_IMPLS]
+
+
+@pytest.mark.parametrize("impl", RECV_IMPLS, ids=[i[0] for i in RECV_IMPLS])
+def test_session_follow_up_in_the_same_batch_control(impl: tuple[str, str, str]) -> None:
+    """Control for the next test: B's session goes on, A's starts, A's follow-up (which
+    fails the check) is handed up because A's session is live by then."""
+    first_b, more_b, knock_a, follow_a = signed(), signed(2), signed(), signed(2)
+    actions = {first_b: "open", knock_a: "open"}
+    got, _ = run_reader(impl, [[(1, first_b)], [(1, more_b), (0, knock_a), (0, follow_a)]], actions)
+    assert got == [first_b, more_b, knock_a, follow_a]
+
+
+# issue 12 finding 7 (found again by fuzz_recv in seconds): the C reader misses a session
+# that starts in a batch in which another ends (drain()'s ``self.used > tracked``), and
+# drops a datagram the Python reader hands up.
+@pytest.mark.parametrize("impl", xfail_on_c("issue 12 finding 7: C reader loses the session"))
+def test_session_start_followed_when_another_ends_in_the_batch(impl: tuple[str, str, str]) -> None:
+    first_b, last_b, knock_a, follow_a = signed(), signed(2), signed(), signed(2)
+    actions = {first_b: "open", last_b: "end", knock_a: "open"}
+    got, _ = run_reader(impl, [[(1, first_b)], [(1, last_b), (0, knock_a), (0, follow_a)]], actions)
+    assert got == [first_b, last_b, knock_a, follow_a]
 
 
 @pytest.mark.parametrize("impl", RECV_IMPLS, ids=[i[0] for i in RECV_IMPLS])
 def test_live_hit_counted_across_drains(impl: tuple[str, str, str]) -> None:
-    """Control: the second KNOCK, read in a later drain, is a live hit on both readers."""
-    got = live_hits_of(impl, one_batch=False)
-    assert got["handed_up"] == 2 and got["live_hits"] == 1
+    """Control: a KNOCK read in a later drain than the one that opened the session is a
+    live hit on both readers."""
+    first, second = signed(), signed()
+    got, counts = run_reader(impl, [[(0, first)], [(0, second)]], {first: "open"})
+    assert got == [first, second] and counts["live_hits"] == 1
 
 
 # Found by fuzz_recv (not in issue 12): in one batch, a datagram of a session that started
-# earlier in the same batch and that would be handed up anyway (it passes the check, or
-# pass_rejects is on) is not counted in live_hits by the C reader; the Python reader counts
-# it. Only the udp_live_hits counter differs: both hand up the same datagrams.
-LIVE_HITS_XFAIL = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="fuzz_recv: the C reader misses live hits of a session started in the batch",
-)
-
-
-@pytest.mark.parametrize(
-    "impl",
-    [pytest.param(i, id=i[0], marks=[LIVE_HITS_XFAIL] if i[0] == "c" else []) for i in RECV_IMPLS],
-)
+# earlier in the same batch, and that is handed up anyway (it passes the check, or
+# pass_rejects is on), is not counted in live_hits by the C reader; the Python reader
+# counts it. Only the udp_live_hits counter differs: both hand up the same datagrams.
+@pytest.mark.parametrize("impl", xfail_on_c("fuzz_recv: C misses live hits within a batch"))
 def test_live_hit_counted_within_one_batch(impl: tuple[str, str, str]) -> None:
-    got = live_hits_of(impl, one_batch=True)
-    assert got["handed_up"] == 2 and got["live_hits"] == 1
+    first, second = signed(), signed()
+    got, counts = run_reader(impl, [[(0, first), (0, second)]], {first: "open"})
+    assert got == [first, second] and counts["live_hits"] == 1
