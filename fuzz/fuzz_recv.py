@@ -16,18 +16,21 @@ from the same client, so both see the same sources in the same order.
 Input layout (a byte stream; missing bytes read as zero):
   byte 0: bit 0 dual-stack server (else IPv4), bit 1 pass_rejects, bits 2-3 budget - 1,
           bit 4 a custom allowed_ops mask from the next byte (else FIRST_OPS)
-  then up to 4 rounds, each: a byte n (n & 0x7F) + 1 datagrams, then per datagram a byte
-  d -- client d & 3, kind (d >> 2) & 7, the endpoint's action when it is handed up d >> 5
-  -- and 2 salt bytes (kinds 0-5, 7) or a length and that many bytes (kind 6, raw).
-  After a round: drain until a drain reads nothing, then compare.
+  then up to 4 rounds, each: a byte r -- (r & 0x7F) + 1 datagrams; bit 7: every session
+  times out first -- then per datagram a byte d -- client d & 3, kind (d >> 2) & 7, the
+  endpoint's action when it is handed up d >> 5 -- and 2 salt bytes (kinds 0-5, 7) or a
+  length and that many bytes (kind 6, raw). After a round: drain until a drain reads
+  nothing, then compare.
   Kinds: 0 KNOCK, 1 REVOKE, 2 RESPONSE-shaped (unsigned), 3 KNOCK with a bad MAC,
   4 unknown user, 5 bad magic, 6 raw bytes (0-100 of them), 7 signed CHALLENGE.
-  Actions: 1 and 4 open a session for the peer, 2 ends the peer's session, 3 makes the
-  handler raise (a bug in it: counted, never fatal); others do nothing.
+  Actions: 1 and 4 open a session for the peer, 2 ends the peer's session, 5 ends the
+  oldest other session, 3 makes the handler raise (a bug in it: counted, never fatal);
+  others do nothing.
 
-Reader API: the one with a ``peers`` mapping the reader consults (``Endpoint`` below is
-the only code that knows it). Sessions end only from the handler here: with this API a
-session ended elsewhere (a timer) may cost the C reader extra hand-ups by design.
+Reader API: ``handler(data, key, addr)``, and the endpoint ``track()``s a peer key when a
+session starts and ``untrack()``s it when one ends (``Endpoint`` below is the only code
+that knows the API). The handed-up keys are compared too: the C reader builds them from
+the ``sockaddr``, the reference with ``knockd.peer.key_of``.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from collections.abc import Iterator
 
 import atheris
 import harness
-from harness import Difference, same
+from harness import Difference, same, short
 
 with atheris.instrument_imports():
     from fastknock import _hmac, _hmac_py
@@ -62,23 +65,32 @@ class Endpoint:
 
     def __init__(self, impl: object, sock: socket.socket, ring: object, actions: dict,
                  **settings: object) -> None:  # fmt: skip
-        self.peers: dict[tuple, bool] = {}
-        self.got: list[tuple[bytes, tuple]] = []
+        self.live: set[bytes] = set()
+        self.got: list[tuple[bytes, bytes, tuple]] = []
         self.actions = actions
-        self.reader = impl.Reader(sock, ring, self.handle, self.peers, **settings)  # type: ignore[attr-defined]
+        self.reader = impl.Reader(sock, ring, self.handle, **settings)  # type: ignore[attr-defined]
 
-    def handle(self, data: bytes, addr: tuple) -> None:
-        self.got.append((data, addr))
+    def handle(self, data: bytes, key: bytes, addr: tuple) -> None:
+        self.got.append((data, key, addr))
         action = self.actions.get(data, 0)
-        if action in (1, 4):
-            self.peers[addr[:2]] = True
+        if action in (1, 4) and key not in self.live:
+            self.live.add(key)
+            self.reader.track(key)  # type: ignore[attr-defined]
         elif action == 2:
-            self.peers.pop(addr[:2], None)
+            self.end(key)
+        elif action == 5:
+            others = sorted(self.live - {key})
+            if others:
+                self.end(others[0])
         elif action == 3:
             raise RuntimeError("handler bug (deliberate)")
 
-    def sessions(self) -> list[tuple]:
-        return sorted(self.peers)
+    def end(self, key: bytes) -> None:
+        self.live.discard(key)
+        self.reader.untrack(key)  # type: ignore[attr-defined]
+
+    def sessions(self) -> list[bytes]:
+        return sorted(self.live)
 
 
 class Net:
@@ -155,6 +167,22 @@ def datagram(kind: int, stream: Stream, seq: int) -> bytes:
     return data
 
 
+def handed_up(c: list, py: list) -> None:
+    """Raise ``Difference`` unless both readers handed up the same; the signature says
+    which side handed up a datagram the other dropped, at the first divergence."""
+    if c == py:
+        return
+    i = next(
+        (i for i, (x, y) in enumerate(zip(c, py, strict=False)) if x != y), min(len(c), len(py))
+    )
+    extra = "C" if i < len(c) and c[i] not in py[i:] else "Python"
+    other = "Python" if extra == "C" else "C"
+    raise Difference(
+        f"handed up: {extra} hands up a datagram {other} drops",
+        f"at {i}: C {short(c[i : i + 3])} vs Python {short(py[i : i + 3])}",
+    )
+
+
 def drain_all(reader: object) -> list[tuple[int, tuple[int, ...]]]:
     """Every drain's count and the counters after it, until a drain reads nothing."""
     out = []
@@ -189,7 +217,12 @@ def one(data: bytes) -> None:
     for _round in range(MAX_ROUNDS):
         if not stream.more():
             break
-        for _ in range((stream.byte() & 0x7F) + 1):
+        header = stream.byte()
+        if header & 0x80:  # the session timers fire
+            for end in ends:
+                for key in end.sessions():
+                    end.end(key)
+        for _ in range((header & 0x7F) + 1):
             d = stream.byte()
             seq += 1
             payload = datagram((d >> 2) & 7, stream, seq)
@@ -199,7 +232,7 @@ def one(data: bytes) -> None:
                 client.sendto(payload, dest)
         c_drains, py_drains = (drain_all(end.reader) for end in ends)
         # What a peer can see first (which datagrams reach the protocol), then the rest.
-        same("handed-up datagrams", ends[0].got, ends[1].got)
+        handed_up(ends[0].got, ends[1].got)
         same("sessions", ends[0].sessions(), ends[1].sessions())
         same("drain() counts", [n for n, _ in c_drains], [n for n, _ in py_drains])
         for (_, c_counts), (_, py_counts) in zip(c_drains, py_drains, strict=True):
@@ -222,6 +255,7 @@ def seeds() -> Iterator[bytes]:
     follow = dgram(0, 2, 0)
     yield b"\0" + b"\x01" + dgram(0, 0, 1) + follow
     yield b"\0" + b"\x00" + dgram(1, 0, 1) + b"\x02" + dgram(1, 2, 2) + dgram(0, 0, 1) + follow
+    yield b"\0" + b"\x00" + dgram(1, 0, 1) + b"\x81" + dgram(1, 2, 0) + follow  # timed out
     for family in (0, 1):
         for n in (64, 65, 128):
             body = b"".join(dgram(i & 3, i % 6, i % 5, i) for i in range(n))
