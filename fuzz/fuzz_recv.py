@@ -10,8 +10,8 @@ raises. The reference decides one datagram at a time, the C reader a batch of 64
 this is the check that batching changes nothing a peer or an operator can see.
 
 Each execution gets fresh readers and endpoints over sockets reused between executions (a
-socket per family and implementation, four clients). Every datagram goes to both servers
-from the same client, so both see the same sources in the same order.
+socket per family and implementation, four clients), all bound to loopback. Every datagram
+goes to both servers from the same client, so both see the same sources in the same order.
 
 Input layout (a byte stream; missing bytes read as zero):
   byte 0: bit 0 dual-stack server (else IPv4), bit 1 pass_rejects, bits 2-3 budget - 1,
@@ -112,7 +112,7 @@ class Net:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(("::", 0))
+            sock.bind(("::ffff:127.0.0.1", 0))  # IPv6 sockaddrs, loopback only
         else:
             sock.bind(("127.0.0.1", 0))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
