@@ -58,6 +58,7 @@ KEY = bytes.fromhex("80E9C81DFA4879B2C64910E1B6870DA42DFB82261B76C859F3A0F5A09DE
 SIGNER = _hmac_py.HmacKey(KEY)
 IMPLS = ((_recv, _hmac.KeyRing({USER: KEY})), (_recv_py, _hmac_py.KeyRing({USER: KEY})))
 MAX_ROUNDS = 4
+BATCHES = COUNTERS.index("batches")
 
 
 class Endpoint:
@@ -231,6 +232,7 @@ def one(data: bytes) -> None:
             for dest in dests:
                 client.sendto(payload, dest)
         c_drains, py_drains = (drain_all(end.reader) for end in ends)
+        harness.add_units(sum(counts[BATCHES] for _, counts in c_drains))
         # What a peer can see first (which datagrams reach the protocol), then the rest.
         handed_up(ends[0].got, ends[1].got)
         same("sessions", ends[0].sessions(), ends[1].sessions())

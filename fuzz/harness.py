@@ -37,7 +37,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 KINDS = ("crash", "difference", "violation")
-_COUNTS = struct.Struct("<3Q")
+FIELDS = (*KINDS, "units")  # units: what a target counts besides executions (add_units)
+_COUNTS = struct.Struct("<4Q")
+_recorder: Recorder | None = None
 
 
 class Difference(Exception):
@@ -112,11 +114,13 @@ class Recorder:
             detail = "".join(traceback.format_exception(exc))
             self.record("crash", _crash_signature(exc), detail, data)
 
-    def record(self, kind: str, signature: str, detail: str, data: bytes) -> None:
-        index = KINDS.index(kind)
+    def add(self, field: str, n: int) -> None:
         counts = list(_COUNTS.unpack_from(self._map))
-        counts[index] += 1
+        counts[FIELDS.index(field)] += n
         _COUNTS.pack_into(self._map, 0, *counts)
+
+    def record(self, kind: str, signature: str, detail: str, data: bytes) -> None:
+        self.add(kind, 1)
         name = f"{kind}-{hashlib.sha1(signature.encode(), usedforsecurity=False).hexdigest()[:12]}"
         if name in self._seen:
             return
@@ -136,8 +140,14 @@ def read_counts(workdir: str) -> dict[str, int]:
             raw = f.read(_COUNTS.size)
     except OSError:
         raw = b""
-    values = _COUNTS.unpack(raw) if len(raw) == _COUNTS.size else (0, 0, 0)
-    return dict(zip(KINDS, values, strict=True))
+    values = _COUNTS.unpack(raw) if len(raw) == _COUNTS.size else (0,) * len(FIELDS)
+    return dict(zip(FIELDS, values, strict=True))
+
+
+def add_units(n: int) -> None:
+    """Count ``n`` units of work (e.g. the recv target's reader batches) in this run."""
+    if _recorder is not None:
+        _recorder.add("units", n)
 
 
 def write_seeds(directory: str, seeds: Iterable[bytes]) -> int:
@@ -174,6 +184,7 @@ def main(name: str, one: Callable[[bytes], None], seeds: Callable[[], Iterable[b
     import atheris
 
     workdir = os.environ.get("FUZZ_WORKDIR") or os.path.join("build", "fuzz", name)
-    recorder = Recorder(workdir)
+    global _recorder
+    recorder = _recorder = Recorder(workdir)
     atheris.Setup(sys.argv, lambda data: recorder.run(one, data))
     atheris.Fuzz()

@@ -40,6 +40,7 @@ from harness import read_counts  # noqa: E402
 
 TARGETS = ("wire", "config", "ipc", "recv")
 EXTRA_SEEDS = {"config": [os.path.join(ROOT, "tests", "compat")]}
+UNITS = {"recv": "recvmmsg batches read by the C reader"}  # what harness.add_units counts
 ARTIFACT = re.compile(r"^(crash|timeout|oom|leak|slow-unit)-")
 GRACE = 120  # seconds beyond -max_total_time for start-up and loading the corpus
 
@@ -100,6 +101,7 @@ def run_target(name: str, seconds: int) -> dict[str, object]:
         "crashes": counts["crash"] + len(artifacts),
         "differences": counts["difference"],
         "violations": counts["violation"],
+        "units": counts["units"],
         "found": found,
         "ok": rc == 0 and runs is not None,
         "log": log_path,
@@ -117,6 +119,8 @@ def report(results: list[dict[str, object]]) -> None:
             f"{rate:>8} {r['crashes']:>8} {r['differences']:>11} {r['violations']:>10}"
         )
     for r in results:
+        if r["target"] in UNITS:
+            print(f"  {r['target']}: {r['units']} {UNITS[r['target']]}")  # type: ignore[index]
         for line in r["found"]:  # type: ignore[attr-defined]
             print(f"  {r['target']}: {line}")
         if not r["ok"]:
