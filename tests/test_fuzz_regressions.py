@@ -173,11 +173,6 @@ def run_reader(
     return got, totals
 
 
-def xfail_on_c(reason: str) -> list[object]:
-    mark = pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
-    return [pytest.param(i, id=i[0], marks=[mark] if i[0] == "c" else []) for i in RECV_IMPLS]
-
-
 @pytest.mark.parametrize("impl", RECV_IMPLS, ids=[i[0] for i in RECV_IMPLS])
 def test_datagram_after_a_session_end_in_a_later_batch_is_dropped(
     impl: tuple[str, str, str],
@@ -193,9 +188,10 @@ def test_datagram_after_a_session_end_in_a_later_batch_is_dropped(
 # Found by fuzz_recv (not in issue 12): when a session ends on a datagram (``untrack`` from
 # the handler), a later datagram of the same peer in the same batch was already classified
 # "live" at the start of the batch, so the C reader hands it up; the Python reader, deciding
-# one by one, checks it and drops it. (drain() re-checks the live set only after a
-# ``track``.) The endpoint then sees a first datagram that the reader should have dropped.
-@pytest.mark.parametrize("impl", xfail_on_c("fuzz_recv: C follows a session that just ended"))
+# one by one, checks it and drops it. (drain() re-checked the live set only after a
+# ``track``; now after any change, ``Reader.recheck``.) The endpoint then saw a first
+# datagram that the reader should have dropped.
+@pytest.mark.parametrize("impl", RECV_IMPLS, ids=[i[0] for i in RECV_IMPLS])
 def test_datagram_after_a_session_end_in_the_same_batch_is_dropped(
     impl: tuple[str, str, str],
 ) -> None:
@@ -217,8 +213,8 @@ def test_live_hit_counted_across_drains(impl: tuple[str, str, str]) -> None:
 # Found by fuzz_recv (not in issue 12): in one batch, a datagram of a session that started
 # earlier in the same batch, and that is handed up anyway (it passes the check, or
 # pass_rejects is on), is not counted in live_hits by the C reader; the Python reader
-# counts it. Only the udp_live_hits counter differs: both hand up the same datagrams.
-@pytest.mark.parametrize("impl", xfail_on_c("fuzz_recv: C misses live hits within a batch"))
+# counts it. Only the udp_live_hits counter differed (fixed with the same re-check).
+@pytest.mark.parametrize("impl", RECV_IMPLS, ids=[i[0] for i in RECV_IMPLS])
 def test_live_hit_counted_within_one_batch(impl: tuple[str, str, str]) -> None:
     first, second = signed(), signed()
     got, counts = run_reader(impl, [[(0, first), (0, second)]], {first: "open"})

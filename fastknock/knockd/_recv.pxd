@@ -36,12 +36,15 @@ cdef class Reader:
     cdef iovec out_iov[RECV_BATCH]
     cdef unsigned char out_bufs[RECV_BATCH][56]
     cdef int nout
+    cdef bint out_dead[RECV_BATCH]  # cancelled: the peer got a session in the batch
 
     cdef mmsghdr msgs[RECV_BATCH]
     cdef iovec iov[RECV_BATCH]
     cdef sockaddr_storage names[RECV_BATCH]
     cdef unsigned char bufs[RECV_BATCH][RECV_SLOT]
     cdef uint8_t verdict[RECV_BATCH]  # 0: hand up; else the REASON_* that drops it
+    cdef bint was_live[RECV_BATCH]  # classified as a live session's datagram
+    cdef int out_slot[RECV_BATCH]  # its CHALLENGE's index in out_bufs, or -1
 
     # Open-addressing hash set of the peers that have a live session: exactly the keys the
     # endpoint announced with track() and not yet with untrack().
@@ -50,6 +53,7 @@ cdef class Reader:
     cdef Py_ssize_t used  # live entries
     cdef Py_ssize_t dead  # tombstones
     cdef uint64_t tracks  # track() calls so far: a batch re-checks its rest after one
+    cdef uint64_t untracks  # untrack() calls so far: likewise
 
     # Counters since the last take(): datagrams dropped in C, per reason; handed up;
     # of those, handed up because the peer has a live session; recvmmsg batches; errors.
@@ -63,6 +67,8 @@ cdef class Reader:
     cdef uint64_t send_dropped
 
     cdef void classify(self, int n) noexcept nogil
+    cdef int first_verdict(self, int i) noexcept nogil
+    cdef int recheck(self, int i, int reason) noexcept nogil
     cdef int check_response(self, const unsigned char *buf,
                             const sockaddr_storage *sa) noexcept nogil
     cdef bint granted(self, uint32_t user, uint32_t resource) noexcept nogil

@@ -191,6 +191,7 @@ cdef class Reader:
         cdef peer_key k
         _key_from_bytes(key, &k)
         self._remove(&k)
+        self.untracks += 1
 
     # -- the live-peer set --
 
@@ -270,32 +271,53 @@ cdef class Reader:
     # -- the hot path --
 
     cdef void classify(self, int n) noexcept nogil:
-        cdef int i, reason
-        cdef Py_ssize_t index
-        cdef const unsigned char *buf
+        cdef int i
         self.nout = 0
         for i in range(n):
+            self.was_live[i] = False
+            self.out_slot[i] = -1
             if self.msgs[i].msg_len != WIRE_MSG_SIZE:
                 self.verdict[i] = REASON_SIZE
-                continue
-            if self.used and self.live(&self.names[i]):
+            elif self.used and self.live(&self.names[i]):
                 self.verdict[i] = REASON_OK
+                self.was_live[i] = True
                 self.live_hits += 1
-                continue
-            if self.pass_rejects:  # Python answers rejections too: it checks them itself
-                self.verdict[i] = REASON_OK
-                continue
-            buf = self.bufs[i]
-            if load_be32(buf + 4) == OP_RESPONSE:
-                self.verdict[i] = <uint8_t>self.check_response(buf, &self.names[i])
-                continue
-            reason = self.ring.check_index(buf, WIRE_MSG_SIZE, self.allowed_ops, &index)
-            if reason == REASON_OK and self.have_cur and self.granted(
-                    load_be32(buf + 8), load_be32(buf + 12)):
-                self.challenge(i)
-                self.verdict[i] = VERDICT_CHALLENGED
-                continue
-            self.verdict[i] = <uint8_t>reason
+            else:
+                self.verdict[i] = <uint8_t>self.first_verdict(i)
+
+    cdef int first_verdict(self, int i) noexcept nogil:
+        """The verdict on 56-byte datagram i from a peer without a session (steps 3-5)."""
+        cdef int reason
+        cdef Py_ssize_t index
+        cdef const unsigned char *buf = self.bufs[i]
+        if self.pass_rejects:  # Python answers rejections too: it checks them itself
+            return REASON_OK
+        if load_be32(buf + 4) == OP_RESPONSE:
+            return self.check_response(buf, &self.names[i])
+        reason = self.ring.check_index(buf, WIRE_MSG_SIZE, self.allowed_ops, &index)
+        if reason == REASON_OK and self.have_cur and self.granted(
+                load_be32(buf + 8), load_be32(buf + 12)):
+            self.challenge(i)
+            return VERDICT_CHALLENGED
+        return reason
+
+    cdef int recheck(self, int i, int reason) noexcept nogil:
+        """The live set changed earlier in this batch (a session started or ended in a
+        hand-up): decide datagram i as the one-by-one path would have, now."""
+        cdef bint now_live
+        if reason == REASON_SIZE:
+            return reason
+        now_live = self.used and self.live(&self.names[i])
+        if self.was_live[i] and not now_live:  # its session just ended: a first datagram
+            self.live_hits -= 1
+            return self.first_verdict(i)
+        if now_live and not self.was_live[i]:  # its session just started: the session's
+            if self.out_slot[i] >= 0:
+                self.out_dead[self.out_slot[i]] = True
+                self.challenged -= 1
+            self.live_hits += 1
+            return REASON_OK
+        return reason
 
     cdef int check_response(self, const unsigned char *buf,
                             const sockaddr_storage *sa) noexcept nogil:
@@ -349,11 +371,22 @@ cdef class Reader:
         memcpy(out + 16, out + 24, 8)  # SALT = token[:8]
         self.out_msgs[self.nout].msg_hdr.msg_name = &self.names[i]
         self.out_msgs[self.nout].msg_hdr.msg_namelen = self.msgs[i].msg_hdr.msg_namelen
+        self.out_dead[self.nout] = False
+        self.out_slot[i] = self.nout
         self.nout += 1
         self.challenged += 1
 
     cdef void send_challenges(self) noexcept nogil:
-        cdef int done = 0, sent
+        cdef int done = 0, sent, j, live = 0
+        for j in range(self.nout):  # drop the cancelled ones (their peer got a session)
+            if not self.out_dead[j]:
+                if live != j:
+                    memcpy(self.out_bufs[live], self.out_bufs[j], WIRE_MSG_SIZE)
+                    self.out_msgs[live].msg_hdr.msg_name = self.out_msgs[j].msg_hdr.msg_name
+                    self.out_msgs[live].msg_hdr.msg_namelen = (
+                        self.out_msgs[j].msg_hdr.msg_namelen)
+                live += 1
+        self.nout = live
         while done < self.nout:
             sent = sendmmsg(self.fd, &self.out_msgs[done], self.nout - done, MSG_DONTWAIT)
             if sent < 0:
@@ -385,7 +418,7 @@ cdef class Reader:
         cdef Py_ssize_t total = 0
         cdef int fd = self.fd
         cdef int reason
-        cdef uint64_t tracks
+        cdef uint64_t tracks, untracks
         for call in range(self.budget):
             for i in range(RECV_BATCH):
                 self.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
@@ -395,8 +428,6 @@ cdef class Reader:
                 err = errno
                 if n > 0:
                     self.classify(n)
-                    if self.nout:
-                        self.send_challenges()
             if n < 0:
                 if err == EINTR:
                     continue
@@ -405,20 +436,22 @@ cdef class Reader:
                 break
             self.batches += 1
             total += n
-            tracks = self.tracks
+            tracks, untracks = self.tracks, self.untracks
             for i in range(n):
                 reason = self.verdict[i]
-                if (reason > REASON_SIZE and reason != VERDICT_CHALLENGED
-                        and self.tracks != tracks and self.live(&self.names[i])):
-                    # A session of this peer started earlier in this batch: what comes
-                    # after its first datagram is the session's, as on the one-by-one path.
-                    reason = REASON_OK
-                    self.live_hits += 1
+                if self.tracks != tracks or self.untracks != untracks:
+                    # A session started or ended earlier in this batch: decide as the
+                    # one-by-one path would (what follows a session's start is the
+                    # session's; what follows its end is a first datagram again).
+                    reason = self.recheck(i, reason)
                 if reason == REASON_OK:
                     self.hand_up(i)
                 elif reason != VERDICT_CHALLENGED:
                     self.dropped += 1
                     self.reasons[reason] += 1
+            if self.nout:  # the CHALLENGEs computed in C, after the batch's hand-ups
+                with nogil:
+                    self.send_challenges()
             if n < RECV_BATCH:
                 break
         return total
