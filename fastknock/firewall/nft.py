@@ -236,6 +236,21 @@ class Firewall:
 
     # -- reading the kernel --
 
+    def prefilter_counters(self) -> dict[str, int]:
+        """The pre-filter's named counters (packets by ``prefilter.COUNTERS`` name); empty
+        without a pre-filter."""
+        if not self.prefilter:
+            return {}
+        return prefilter.parse_counters(
+            self.runner.run(f"list counters table {self._where}", json_output=True)
+        )
+
+    def prefilter_top(self, reason: str) -> str | None:
+        """The sampled source prefix that the pre-filter dropped most for ``reason``."""
+        name = prefilter.top_set(reason)
+        found = prefilter.parse_top(self.runner.run(f"list set {self._where} {name}", True))
+        return None if found is None else prefilter.top_prefix(reason, found[0], self.cfg)
+
     def _json(self, command: str) -> list[dict[str, Any]]:
         out = self.runner.run(command, json_output=True)
         try:

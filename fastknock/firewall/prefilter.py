@@ -90,6 +90,15 @@ COUNTERS = (
 )  # fmt: skip
 
 
+def _suffix(reason: str) -> str:
+    return {"ip4": "4", "ip6": "6", "ip6group": "6g"}[reason]
+
+
+def top_set(reason: str) -> str:
+    """The set that samples the sources dropped for ``reason``."""
+    return f"fastknock_pf_top{_suffix(reason)}"
+
+
 def _mask(bits: int) -> str:
     return str(ipaddress.IPv6Network(f"::/{bits}").netmask)
 
@@ -103,7 +112,7 @@ class _Bucket:
 
     @property
     def slots(self) -> str:
-        return f"fastknock_pf_slots{self.reason.removeprefix('ip').replace('group', 'g')}"
+        return f"fastknock_pf_slots{_suffix(self.reason)}"
 
     @property
     def chain(self) -> str:
@@ -111,7 +120,7 @@ class _Bucket:
 
     @property
     def top(self) -> str:
-        return f"fastknock_pf_top{self.reason.removeprefix('ip').replace('group', 'g')}"
+        return top_set(self.reason)
 
     @property
     def addr_type(self) -> str:
