@@ -12,8 +12,9 @@ RESPONSE is never repeated (the server accepts a token once).
 
 UDP with a TCP fallback (``Target.fallback_tcp``: the config offers both transports and
 UDP was asked for): if the first datagram gets no answer within half the control timeout
-(a lost path, no UDP listener, or a flood that the server's pre-filter sheds), the knock is run again over TCP, with a fresh session and the full
-timeout per step. Only silence falls back: a refusal over UDP is final.
+(a lost path, no UDP listener, or a flood that the server's pre-filter sheds), the knock
+is run again over TCP, with a fresh session and the full timeout per step. Only silence
+falls back: a refusal over UDP is final.
 """
 
 from __future__ import annotations
@@ -62,31 +63,34 @@ def run_session(
     log: Log = _quiet,
 ) -> None:
     """Knock (or revoke) once at ``target``. Returns after COMEIN, raises KnockError otherwise."""
+
+    def attempt(to: Target, first_wait: float | None = None) -> None:
+        session = ClientSession(key, user, resource, operation, os.urandom)
+        what = f"{operation.name} user {user:08X} resource {resource:08X}"
+        _attempt(to, session, what, timeout, log, first_wait)
+
     if target.udp and target.fallback_tcp:
         try:
-            _run(target, key, user, resource, operation, timeout, log, first_wait=timeout / 2)
+            attempt(target, first_wait=timeout / 2)
             return
         except _NoAnswer:
             log(f"{target}: no answer over UDP within {timeout / 2:g} s, falling back to TCP")
         target = dataclasses.replace(target, udp=False, fallback_tcp=False)
-    _run(target, key, user, resource, operation, timeout, log)
+    attempt(target)
 
 
 class _NoAnswer(Exception):
     """The first datagram got no answer (only raised when a fallback is possible)."""
 
 
-def _run(
+def _attempt(
     target: Target,
-    key: HmacKey,
-    user: int,
-    resource: int,
-    operation: Operation,
+    session: ClientSession,
+    what: str,
     timeout: float,
     log: Log,
-    first_wait: float | None = None,
+    first_wait: float | None,
 ) -> None:
-    session = ClientSession(key, user, resource, operation, os.urandom)
     kind = socket.SOCK_DGRAM if target.udp else socket.SOCK_STREAM
     try:
         with socket.socket(target.family, kind) as sock:
@@ -96,7 +100,7 @@ def _run(
             log(f"{target}: connecting")
             sock.connect((target.address, target.port))
             first = session.start()
-            log(f"{target}: sending {operation.name} user {user:08X} resource {resource:08X}")
+            log(f"{target}: sending {what}")
             sock.sendall(first)
             try:
                 reply = _receive(sock, target, first_wait or timeout, resend=first, log=log)
