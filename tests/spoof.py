@@ -115,23 +115,23 @@ class Flood(threading.Thread):
         self.src, self.dst, self.dport, self.rate = src, dst, dport, rate
         self.sent = 0
         self.elapsed = 0.0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         start = time.monotonic()
         batch = max(self.rate // 100, 1)  # paced in 10 ms steps
         try:
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 for _ in range(batch):
                     sport = 1024 + int.from_bytes(os.urandom(2)) % 64000
                     self.spoofer.send(self.src, sport, self.dst, self.dport, os.urandom(56))
                 self.sent += batch
                 due = start + self.sent / self.rate
-                self._stop.wait(max(due - time.monotonic(), 0))
+                self._halt.wait(max(due - time.monotonic(), 0))
         finally:
             self.elapsed = time.monotonic() - start
             self.spoofer.close()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
