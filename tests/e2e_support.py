@@ -697,16 +697,7 @@ class Stack:
         """fastknockd's last metrics file: ``{'name{labels}': value}`` (empty before the
         first write)."""
         assert self.metrics_file is not None, "Stack(metrics=True) writes no metrics"
-        try:
-            text = self.metrics_file.read_text()
-        except FileNotFoundError:
-            return {}
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+        return read_metrics(self.metrics_file)
 
     def server_log(self) -> str:
         assert self.server is not None
@@ -730,6 +721,20 @@ def _tempdir(prefix: str) -> Iterator[str]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    """A metrics file (Prometheus text): ``{'name{labels}': value}``; empty if missing."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 def nft_counter_packets(text: str) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests import netns, spoof
-from tests.e2e_support import CONTROL_PORT, KEY1, USER1, Stack, port_res, wait_for
+from tests.e2e_support import CONTROL_PORT, KEY1, USER1, Stack, port_res, read_metrics, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -40,19 +40,6 @@ def udp_only_client_config(stack: Stack) -> Path:
     )
     path.chmod(0o600)
     return path
-
-
-def fwd_metrics(path: Path) -> dict[str, float]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def start(name: str, nft_extra: str = "") -> tuple[Stack, Path]:
@@ -90,9 +77,9 @@ def test_the_client_knocks_5_of_5_through_a_flood_that_spoofs_its_own_address() 
         server, me, _ = stack.addrs(v6=False)
         # Control: no flood.
         assert knock_five(stack, conf) == [0] * 5
-        wait_for("fwd metrics", lambda: bool(fwd_metrics(metrics)))
+        wait_for("fwd metrics", lambda: bool(read_metrics(metrics)))
         spared = 'fastknockfwd_prefilter_spared_total{reason="ip4"}'
-        before = fwd_metrics(metrics)[spared]
+        before = read_metrics(metrics)[spared]
         # The attack: junk with the client's own address, random source ports.
         flood = spoof.Flood(stack.pair.client, me, server, CONTROL_PORT, FLOOD_RATE)
         flood.start()
@@ -105,8 +92,8 @@ def test_the_client_knocks_5_of_5_through_a_flood_that_spoofs_its_own_address() 
         assert flood.sent >= 2000
         # The flood was over the client's allowance (the kernel counted it): the spare
         # let it through and nothing was dropped.
-        wait_for("fresh fwd metrics", lambda: fwd_metrics(metrics)[spared] > before + 1000)
-        m = fwd_metrics(metrics)
+        wait_for("fresh fwd metrics", lambda: read_metrics(metrics)[spared] > before + 1000)
+        m = read_metrics(metrics)
         assert m['fastknockfwd_prefilter_dropped_total{reason="ip4"}'] == 0
         assert stack.connects(me, server, RES.probe)
     finally:
@@ -132,7 +119,7 @@ def test_fwd_warns_once_naming_the_top_source_while_the_prefilter_sheds() -> Non
         assert len(lines) == 1 and "WARNING" in lines[0]
         assert "reason ip4" in lines[0] and f"top source {flooder}/32" in lines[0]
         assert re.search(r"\d+ datagrams dropped", lines[0])
-        m = fwd_metrics(metrics)
+        m = read_metrics(metrics)
         assert m['fastknockfwd_prefilter_dropped_total{reason="ip4"}'] > 0
     finally:
         stack.close()
