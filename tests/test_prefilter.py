@@ -35,19 +35,21 @@ def test_rules_inet_defaults() -> None:
     chains = prefilter.rules(CFG, (4, 6), 5800, SEED)
     assert list(chains) == [
         "fastknock-prefilter",
+        "fastknock-prefilter-udp",
         "fastknock-prefilter-ip4",
         "fastknock-prefilter-ip6",
         "fastknock-prefilter-ip6group",
     ]
-    assert chains["fastknock-prefilter"] == [
-        f'{MATCH} udp length != 64 counter name "fastknock_pf_dropped_size" drop',
-        f'{MATCH} ip saddr @fastknock_proven4 counter name "fastknock_pf_proven" accept',
-        f'{MATCH} ip6 saddr @fastknock_proven6 counter name "fastknock_pf_proven" accept',
-        f"{MATCH} update @fastknock_pf_slots4 {{ jhash ip saddr mod 65536 seed 0x1234abcd "
+    assert chains["fastknock-prefilter"] == [f"{MATCH} jump fastknock-prefilter-udp"]
+    assert chains["fastknock-prefilter-udp"] == [
+        'udp length != 64 counter name "fastknock_pf_dropped_size" drop',
+        'ip saddr @fastknock_proven4 counter name "fastknock_pf_proven" accept',
+        'ip6 saddr @fastknock_proven6 counter name "fastknock_pf_proven" accept',
+        f"update @fastknock_pf_slots4 {{ jhash ip saddr mod 65536 seed 0x1234abcd "
         f"{LIMIT} }} jump fastknock-prefilter-ip4",
-        f"{MATCH} update @fastknock_pf_slots6 {{ jhash ip6 saddr & ffff:ffff:ffff:ffff:: "
+        f"update @fastknock_pf_slots6 {{ jhash ip6 saddr & ffff:ffff:ffff:ffff:: "
         f"mod 65536 seed 0x1234abcd {LIMIT} }} jump fastknock-prefilter-ip6",
-        f"{MATCH} update @fastknock_pf_slots6g {{ jhash ip6 saddr & ffff:ffff:ffff:: "
+        "update @fastknock_pf_slots6g { jhash ip6 saddr & ffff:ffff:ffff:: "
         "mod 65536 seed 0x1234abcd limit rate over 1600/second burst 3200 packets }"
         " jump fastknock-prefilter-ip6group",
     ]
@@ -66,9 +68,12 @@ def test_rules_follow_the_family_and_options() -> None:
         CFG, prefilter_rate=7, prefilter_burst=9, prefilter_ipv6_prefix=56, prefilter_ipv6_group=40
     )
     chains = prefilter.rules(cfg, (6,), 5900, SEED)
-    main = chains["fastknock-prefilter"]
-    assert main[0].startswith("udp dport 5900 fib daddr type local udp length != 64 ")
-    assert not any("ip saddr" in r for r in main)
+    assert chains["fastknock-prefilter"] == [
+        "udp dport 5900 fib daddr type local jump fastknock-prefilter-udp"
+    ]
+    main = chains["fastknock-prefilter-udp"]
+    assert main[0].startswith("udp length != 64 ")
+    assert not any("ip saddr" in r for r in main) and "fastknock-prefilter-ip4" not in chains
     assert "jhash ip6 saddr & ffff:ffff:ffff:ff00:: mod 65536" in main[2]
     assert "limit rate over 7/second burst 9 packets" in main[2]
     assert "& ffff:ffff:ff00:: mod" in main[3] and "over 112/second burst 144 packets" in main[3]
@@ -76,7 +81,7 @@ def test_rules_follow_the_family_and_options() -> None:
     full = dataclasses.replace(CFG, prefilter_ipv6_prefix=128, prefilter_ipv6_group=128)
     chains = prefilter.rules(full, (6,), 1, SEED)
     assert "fastknock-prefilter-ip6group" not in chains
-    assert "{ jhash ip6 saddr mod 65536" in chains["fastknock-prefilter"][2]
+    assert "{ jhash ip6 saddr mod 65536" in chains["fastknock-prefilter-udp"][2]
     # A new seed is a new hash of every source.
     assert prefilter.rules(CFG, (4,), 1, 7) != prefilter.rules(CFG, (4,), 1, 8)
 
@@ -94,10 +99,12 @@ def test_no_rules_when_off_or_without_udp_control_port() -> None:
     assert prefilter.rules(off, (4, 6), 5800, SEED) == {}
     assert prefilter.rules(CFG, (4, 6), None, SEED) == {}
     assert prefilter.commands(off, WHERE, (4, 6), 5800, SEED, nothing_exists) == []
-    present = {"chain inet filter fastknock-prefilter", "chain inet filter fastknock-prefilter-ip4"}
+    present = {f"chain inet filter fastknock-prefilter{c}" for c in ("", "-udp", "-ip4")}
     assert prefilter.commands(CFG, WHERE, (4, 6), None, SEED, present.__contains__) == [
         "flush chain inet filter fastknock-prefilter",
         "delete chain inet filter fastknock-prefilter",
+        "flush chain inet filter fastknock-prefilter-udp",
+        "delete chain inet filter fastknock-prefilter-udp",
         "flush chain inet filter fastknock-prefilter-ip4",
         "delete chain inet filter fastknock-prefilter-ip4",
     ]
@@ -126,6 +133,7 @@ def test_commands_build_everything_in_one_transaction() -> None:
     rules = [c for c in cmds if c.startswith("add rule")]
     assert cmds[-len(rules) :] == rules
     assert rules[-1].startswith("add rule inet filter fastknock-prefilter ")
+    assert rules[-2].startswith("add rule inet filter fastknock-prefilter-udp ")
     assert rules[0].startswith("add rule inet filter fastknock-prefilter-ip4 ")
     # Chains not wanted (family ip: no IPv6 shed chains) are deleted.
     assert "delete chain inet filter fastknock-prefilter-ip6" in cmds
@@ -256,15 +264,19 @@ def _setup(ns: str, cfg: NftablesConfig, udp: bool = True) -> None:
 
 
 def _chain(ns: str) -> tuple[dict[str, object] | None, list[str]]:
-    """(the chain's JSON, its rules as text), or (None, []) if it does not exist."""
+    """(the base chain's JSON, the rules of the chain it jumps to, as text), or (None, [])
+    if the base chain does not exist."""
     try:
         out = netns.nft(ns, "-j", "list", "chain", "inet", "filter", prefilter.CHAIN)
     except RuntimeError:
         return None, []
     items = json.loads(out)["nftables"]
     chain = next(i["chain"] for i in items if "chain" in i)
-    text = netns.nft(ns, "list", "chain", "inet", "filter", prefilter.CHAIN)
-    return chain, [ln.strip() for ln in text.splitlines() if "dport" in ln]
+    base = netns.nft(ns, "list", "chain", "inet", "filter", prefilter.CHAIN)
+    assert "udp dport 5800 fib daddr type local jump fastknock-prefilter-udp" in base
+    text = netns.nft(ns, "list", "chain", "inet", "filter", prefilter.UDP_CHAIN)
+    lines = [ln.strip() for ln in text.splitlines()]
+    return chain, [ln for ln in lines if ln and not ln.startswith(("table", "chain", "}"))]
 
 
 def test_setup_makes_a_prerouting_chain_before_conntrack(ns: str) -> None:
@@ -305,7 +317,8 @@ def test_changed_options_replace_the_rules_and_off_removes_the_chain(ns: str) ->
     assert "rate 7/second" in netns.nft(ns, "list", "limit", "inet", "filter", prefilter.SPARE)
     _setup(ns, dataclasses.replace(CFG, prefilter=False))
     assert _chain(ns) == (None, [])
-    assert "fastknock-prefilter-ip4" not in netns.nft(ns, "list", "chains", "inet")
+    chains = netns.nft(ns, "list", "chains", "inet")
+    assert "fastknock-prefilter-ip4" not in chains and "fastknock-prefilter-udp" not in chains
     _setup(ns, CFG)
     _setup(ns, CFG, udp=False)  # a TCP-only control port has no pre-filter
     assert _chain(ns) == (None, [])

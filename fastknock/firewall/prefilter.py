@@ -3,22 +3,25 @@
 Design
 ------
 With ``[NFTABLES] prefilter = on`` (the default) and a UDP control port, fastknockfwd keeps
-base chain of its own in the configured table, hooked before everything else (M is
-``udp dport 5800 fib daddr type local``, S the random seed, R/B the per-source rate and
-burst, G = GROUP_FACTOR)::
+a base chain of its own in the configured table, hooked before everything else, and the
+regular chains it jumps to (S is the random seed, R/B the per-source rate and burst, G =
+GROUP_FACTOR)::
 
     chain fastknock-prefilter {
         type filter hook prerouting priority raw; policy accept;
-        M udp length != 64 counter name fastknock_pf_dropped_size drop   (payload is not 56)
-        M ip saddr @fastknock_proven4 counter name fastknock_pf_proven accept
-        M ip6 saddr @fastknock_proven6 counter name fastknock_pf_proven accept
-        M update @fastknock_pf_slots4 { jhash ip saddr mod 65536 seed S
-            limit rate over R/second burst B packets } jump fastknock-prefilter-ip4
-        M update @fastknock_pf_slots6 { jhash ip6 saddr & /64 mod 65536 seed S
-            limit rate over R/second burst B packets } jump fastknock-prefilter-ip6
-        M update @fastknock_pf_slots6g { jhash ip6 saddr & /48 mod 65536 seed S
-            limit rate over G*R/second burst G*B packets } jump fastknock-prefilter-ip6group
+        udp dport 5800 fib daddr type local jump fastknock-prefilter-udp   (one fib lookup)
     }
+    chain fastknock-prefilter-udp {
+        udp length != 64 counter name fastknock_pf_dropped_size drop   (payload is not 56)
+        ip saddr @fastknock_proven4 counter name fastknock_pf_proven accept
+        ip6 saddr @fastknock_proven6 counter name fastknock_pf_proven accept
+        update @fastknock_pf_slots4 { jhash ip saddr mod 65536 seed S
+            limit rate over R/second burst B packets } jump fastknock-prefilter-ip4
+        update @fastknock_pf_slots6 { jhash ip6 saddr & /64 mod 65536 seed S
+            limit rate over R/second burst B packets } jump fastknock-prefilter-ip6
+        update @fastknock_pf_slots6g { jhash ip6 saddr & /48 mod 65536 seed S
+            limit rate over G*R/second burst G*B packets } jump fastknock-prefilter-ip6group
+    }                                          (falls back to the base chain: accept)
     chain fastknock-prefilter-ip4 {            (one per reason: ip4, ip6, ip6group)
         limit name fastknock_pf_spare counter name fastknock_pf_spared_ip4 accept
         add @fastknock_pf_top4 { ip saddr counter }
@@ -73,7 +76,8 @@ from dataclasses import dataclass
 
 from fastknock.conf.config import NftablesConfig
 
-CHAIN = "fastknock-prefilter"
+CHAIN = "fastknock-prefilter"  # the base chain
+UDP_CHAIN = f"{CHAIN}-udp"  # the control port's datagrams
 COMMENT_PREFIX = "fastknock:prefilter-"  # rules of an older layout in chain-input: removed
 OLD_SETS = ("fastknock_prefilter4", "fastknock_prefilter6")  # per-address buckets, fillable
 SLOTS = 65536  # token buckets per key kind: the sets' size, never exceeded
@@ -154,22 +158,21 @@ def counter_name(reason: str) -> str:
 def rules(
     cfg: NftablesConfig, versions: Sequence[int], udp_port: int | None, seed: int
 ) -> dict[str, list[str]]:
-    """Chain name -> its rules, in order (the base chain first); empty if the pre-filter
-    is off or there is no UDP control port."""
+    """Chain name -> its rules, in order (each chain before the ones it jumps to); empty if
+    the pre-filter is off or there is no UDP control port."""
     if not active(cfg, udp_port):
         return {}
-    match = f"udp dport {udp_port} fib daddr type local"
     size = f'udp length != {CONTROL_UDP_LENGTH} counter name "{counter_name("dropped_size")}"'
-    main = [f"{match} {size} drop"]
+    main = [f"{size} drop"]
     for version, ipf in ((4, "ip"), (6, "ip6")):
         if version in versions:
-            main.append(f'{match} {ipf} saddr @{PROVEN_SET}{version} '
+            main.append(f'{ipf} saddr @{PROVEN_SET}{version} '
                         f'counter name "{counter_name("proven")}" accept')  # fmt: skip
-    out = {CHAIN: main}
+    out = {CHAIN: [f"udp dport {udp_port} fib daddr type local jump {UDP_CHAIN}"], UDP_CHAIN: main}
     for b in _buckets(cfg, versions):
         limit = f"limit rate over {b.rate}/second burst {b.burst} packets"
         main.append(
-            f"{match} update @{b.slots} {{ jhash {b.key} mod {SLOTS} seed {seed:#010x} {limit} }}"
+            f"update @{b.slots} {{ jhash {b.key} mod {SLOTS} seed {seed:#010x} {limit} }}"
             f" jump {b.chain}"
         )
         spared = f'limit name "{SPARE}" counter name "{counter_name("spared_" + b.reason)}"'
@@ -193,7 +196,7 @@ def commands(
     transaction. ``where``: "FAMILY TABLE"; ``exists("chain inet filter X")``: whether
     that object is in the kernel now."""
     wanted = rules(cfg, versions, udp_port, seed)
-    shed = [f"{CHAIN}-{r}" for r in REASONS]
+    shed = [UDP_CHAIN, *(f"{CHAIN}-{r}" for r in REASONS)]  # regular chains
     if not wanted:
         return [
             cmd
@@ -232,7 +235,7 @@ def commands(
     cmds += [f"add limit {where} {SPARE} {body}", f"delete limit {where} {SPARE}",
              f"add limit {where} {SPARE} {body}"]  # fmt: skip
     cmds += [f"delete set {where} {name}" for name in OLD_SETS if exists(f"set {where} {name}")]
-    for chain, chain_rules in sorted(wanted.items(), key=lambda kv: kv[0] == CHAIN):
+    for chain, chain_rules in reversed(wanted.items()):  # jump targets first
         cmds += [f"add rule {where} {chain} {rule}" for rule in chain_rules]
     return cmds
 
