@@ -89,7 +89,6 @@ def test_the_client_knocks_5_of_5_through_a_flood_that_spoofs_its_own_address() 
         finally:
             flood.stop()
         assert codes == [0] * 5, stack.all_logs()[-3000:]
-        assert flood.sent >= 2000
         # The flood was over the client's allowance (the kernel counted it): the spare
         # let it through and nothing was dropped.
         wait_for("fresh fwd metrics", lambda: read_metrics(metrics)[spared] > before + 1000)
