@@ -79,8 +79,11 @@ def counters(ns: str) -> dict[str, int]:
     )
 
 
-def flood_is_limited(pair: netns.Pair, rx: Receiver, flooder: str, legit: str, v6: bool) -> None:
-    """``flooder`` (spoofed, fresh) sends 3,000, ``legit`` (a real client address) 20."""
+def flood_is_limited(
+    pair: netns.Pair, rx: Receiver, flooder: str, legit: str, v6: bool, floor: int = BURST
+) -> None:
+    """``flooder`` (spoofed, fresh) sends 3,000, ``legit`` (a real client address) 20; the
+    flooder gets at least ``floor`` and at most its burst plus its rate."""
     dst = pair.server_v6 if v6 else pair.server_v4
     sp = spoof.Spoofer(pair.client, socket.AF_INET6 if v6 else socket.AF_INET)
     try:
@@ -92,7 +95,7 @@ def flood_is_limited(pair: netns.Pair, rx: Receiver, flooder: str, legit: str, v
         sp.close()
     send(pair.client, legit, dst, [MSG] * 20)
     by_src, _ = rx.collect()
-    assert BURST <= by_src[flooder] <= BURST + RATE * (elapsed + 2), by_src[flooder]
+    assert floor <= by_src[flooder] <= BURST + RATE * (elapsed + 2), by_src[flooder]
     assert by_src[legit] == 20
 
 
@@ -106,6 +109,7 @@ def test_a_fresh_flooder_is_limited_after_70000_spoofed_sources(pair: netns.Pair
         flood_is_limited(pair, rx, "fd99:1::1" if v6 else "198.18.0.1", legit, v6)
         # The attack: more spoofed sources (one datagram each) than the old sets held.
         srcs = spoof.sources6_64(SPOOFED) if v6 else spoof.sources4(SPOOFED)
+        before = sum(n for k, n in counters(pair.server).items() if k.startswith("dropped_"))
         drain = Drain(rx)
         sp = spoof.Spoofer(pair.client, socket.AF_INET6 if v6 else socket.AF_INET)
         try:
@@ -113,13 +117,18 @@ def test_a_fresh_flooder_is_limited_after_70000_spoofed_sources(pair: netns.Pair
         finally:
             sp.close()
         got = drain.join()
-        # Each spoofed source is within its allowance: all reach the socket, none is lost.
-        assert sum(got.values()) == SPOOFED and len(got) == SPOOFED
+        # Each spoofed source is within its allowance and reaches the socket, one datagram
+        # each, except those that hash to the control flooder's emptied slot (about 70,000 /
+        # 65,536 of them, Poisson): the kernel counts those as dropped, nothing else is lost.
+        dropped = sum(n for k, n in counters(pair.server).items() if k.startswith("dropped_"))
+        assert set(got.values()) == {1} and len(got) + dropped - before == SPOOFED
+        assert dropped - before <= 20
         slots = "fastknock_pf_slots6" if v6 else "fastknock_pf_slots4"
         # 70,000 sources in 65,536 slots: about 65,536 x (1 - e^-1.07) = 43,000 used.
         assert prefilter.SLOTS // 2 < slot_entries(pair.server, slots) <= prefilter.SLOTS
         # A fresh flooding source is still limited; a legitimate source still gets through.
-        flood_is_limited(pair, rx, "fd99:2::1" if v6 else "198.18.0.2", legit, v6)
+        # (Its slot may have lent a few tokens to spoofed sources that share it.)
+        flood_is_limited(pair, rx, "fd99:2::1" if v6 else "198.18.0.2", legit, v6, BURST - 15)
     finally:
         rx.close()
 
@@ -149,7 +158,9 @@ def test_an_ipv6_group_is_capped_and_another_group_is_not(pair: netns.Pair) -> N
         assert group_total <= g * BURST + g * RATE * (elapsed + 2)
         assert group_total < 63 * 30  # cut
         assert by_src[pair.client_v6[1]] == 20
-        assert counters(pair.server)["dropped_ip6group"] == 63 * 30 - group_total
+        c = counters(pair.server)  # (two /64s may share a slot, ~3%: then some are "ip6")
+        assert c["dropped_ip6group"] > 0
+        assert c["dropped_ip6group"] + c["dropped_ip6"] == 63 * 30 - group_total
     finally:
         sp.close()
         rx.close()
