@@ -103,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         proto = p.add_mutually_exclusive_group()
         proto.add_argument("-T", "--tcp", action="store_true", help="use TCP for the control port")
-        proto.add_argument("-U", "--udp", action="store_true", help="use UDP for the control port")
+        proto.add_argument(
+            "-U",
+            "--udp",
+            action="store_true",
+            help="use UDP for the control port (if the config's port offers tcp too, a "
+            "knock that gets no answer within half the control timeout is retried over TCP)",
+        )
         p.add_argument("-4", "--ipv4", action="store_true", help="knock over IPv4")
         p.add_argument("-6", "--ipv6", action="store_true", help="knock over IPv6")
     g = sub.add_parser(  # no -c/-v: gen-key reads no config and has no steps to show
@@ -168,6 +174,8 @@ def _targets(args: argparse.Namespace, config: Config) -> tuple[list[Target], bo
 
     port = args.server_port or config.port
     udp = bool(args.udp or (not args.tcp and config.port_udp and not config.port_tcp))
+    # Both offered: TCP is preferred; a UDP knock (-U) that gets no answer falls back to it.
+    fallback = udp and config.port_tcp and config.port_udp
     families = [f for f, on in ((socket.AF_INET6, args.ipv6), (socket.AF_INET, args.ipv4)) if on]
     want = families or [socket.AF_INET6, socket.AF_INET]
     try:
@@ -178,7 +186,7 @@ def _targets(args: argparse.Namespace, config: Config) -> tuple[list[Target], bo
     for family in want:
         for info in infos:
             if info[0] == family:
-                targets.append(Target(str(info[4][0]), family, port, udp))
+                targets.append(Target(str(info[4][0]), family, port, udp, fallback))
                 break
     if not targets:
         names = "/".join("IPv6" if f == socket.AF_INET6 else "IPv4" for f in want)

@@ -138,6 +138,9 @@ async def _serve(
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     sweeper = loop.create_task(daemon.sweep())
+    if args.metrics_file:  # fresher pre-filter counters for frequent metrics
+        daemon.prefilter_poll = min(daemon.prefilter_poll, args.metrics_interval)
+    watcher = loop.create_task(daemon.watch_prefilter())
     writer = None
     if args.metrics_file:
         writer = metrics.MetricsWriter(
@@ -161,6 +164,7 @@ async def _serve(
         systemd.stopping(log, not args.no_systemd, "shutting down; leases stay in the kernel")
         server.close()
         sweeper.cancel()
+        watcher.cancel()
         await daemon.drain()
         if writer is not None:
             await writer.stop()

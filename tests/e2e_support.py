@@ -471,11 +471,12 @@ class Stack:
         verbose: bool = True,
         nft_extra: str = "",
         metrics: bool = False,
+        port_spec: str = "5800 / udp, tcp",
     ) -> None:
         """``verbose``: fastknockd with -v (a log line per reject; the batched receive path
         then hands every 56-byte datagram up to Python). ``nft_extra``: more [NFTABLES]
-        lines, e.g. ``prefilter = off``. ``metrics``: fastknockd writes its counters every
-        0.1 s (read them with ``metrics()``)."""
+        lines, e.g. ``prefilter = off``. ``port_spec``: the server's ``port``. ``metrics``:
+        fastknockd writes its counters every 0.1 s (read them with ``metrics()``)."""
         self.name = name
         self.verbose = verbose
         self.resources = list(resources)
@@ -490,7 +491,9 @@ class Stack:
         os.chmod(self.rundir, 0o755)  # noqa: S103
         self.server_conf = self.work / "fastknockd.conf"
         self.server_conf.write_text(
-            server_config(resources, policy, timeout, lease_timeout, nft_extra=nft_extra)
+            server_config(
+                resources, policy, timeout, lease_timeout, port_spec=port_spec, nft_extra=nft_extra
+            )
         )
         # As installed: root:<server group> 0640, so fastknockd can re-read it after the drop.
         self.server_conf.chmod(0o640)
@@ -694,16 +697,7 @@ class Stack:
         """fastknockd's last metrics file: ``{'name{labels}': value}`` (empty before the
         first write)."""
         assert self.metrics_file is not None, "Stack(metrics=True) writes no metrics"
-        try:
-            text = self.metrics_file.read_text()
-        except FileNotFoundError:
-            return {}
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+        return read_metrics(self.metrics_file)
 
     def server_log(self) -> str:
         assert self.server is not None
@@ -727,6 +721,20 @@ def _tempdir(prefix: str) -> Iterator[str]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    """A metrics file (Prometheus text): ``{'name{labels}': value}``; empty if missing."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 def nft_counter_packets(text: str) -> int:

@@ -121,6 +121,32 @@ def test_udp_retransmission_recovers_a_lost_knock(tmp_path: Path, capsys) -> Non
     assert len(server.requests) == 1
 
 
+@pytest.mark.parametrize("udp_side", ["silent", "closed"])
+def test_udp_without_answer_falls_back_to_tcp_when_both_are_offered(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], udp_side: str
+) -> None:
+    """-U with ``port = P / udp, tcp``: a UDP KNOCK that gets no answer (a socket that reads
+    and never replies, or no UDP socket at all: ICMP unreachable) is retried over TCP."""
+    with (
+        LoopbackServer(settings(timeout=0.8), udp=False) as server,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent,
+    ):
+        if udp_side == "silent":
+            silent.bind(("127.0.0.1", server.port))
+        # Control: UDP only in the config, so no fallback: the knock fails.
+        conf = write_config(tmp_path, server.port, "udp", timeout=0.8)
+        code, err = run(capsys, "-c", conf, "knock", "127.0.0.1", "22")
+        assert code == cli.EXIT_FAILED and server.requests == []
+        # Both offered, UDP asked for: falls back, and succeeds over TCP.
+        conf = write_config(tmp_path, server.port, "udp, tcp", timeout=0.8)
+        code, err = run(capsys, "-c", conf, "-v", "knock", "127.0.0.1", "22", "-U")
+        assert code == 0 and "falling back to TCP" in err and "/tcp: COMEIN" in err
+        assert len(server.requests) == 1
+        # Both offered, no flag: TCP straight away (the preference stays).
+        code, err = run(capsys, "-c", conf, "-v", "knock", "127.0.0.1", "22")
+        assert code == 0 and "/udp" not in err
+
+
 def test_tcp_refused(tmp_path: Path, capsys) -> None:
     with socket.socket() as s:  # a port that is certainly closed
         s.bind(("127.0.0.1", 0))

@@ -869,6 +869,7 @@ def test_prefilter_defaults() -> None:
     assert nft is not None
     assert (nft.prefilter, nft.prefilter_rate, nft.prefilter_burst) == (True, 100, 200)
     assert nft.prefilter_ipv6_prefix == 64
+    assert (nft.prefilter_ipv6_group, nft.prefilter_spare) == (48, 20000)
 
 
 @pytest.mark.parametrize(
@@ -885,6 +886,8 @@ def test_prefilter_numbers() -> None:
     nft = client(text).nftables
     assert nft is not None
     assert (nft.prefilter_rate, nft.prefilter_burst, nft.prefilter_ipv6_prefix) == (50, 16, 56)
+    nft = client(NFT + "prefilter-ipv6-group = 56\nprefilter-spare = 0\n").nftables
+    assert nft is not None and (nft.prefilter_ipv6_group, nft.prefilter_spare) == (56, 0)
 
 
 @pytest.mark.parametrize(
@@ -896,6 +899,9 @@ def test_prefilter_numbers() -> None:
         ("prefilter-burst = 1000001", ("[NFTABLES] prefilter-burst", "1..1000000")),
         ("prefilter-ipv6-prefix = 8", ("[NFTABLES] prefilter-ipv6-prefix", "16..128")),
         ("prefilter-ipv6-prefix = 129", ("[NFTABLES] prefilter-ipv6-prefix",)),
+        ("prefilter-ipv6-group = 15", ("[NFTABLES] prefilter-ipv6-group", "16..128")),
+        ("prefilter-spare = -1", ("[NFTABLES] prefilter-spare",)),
+        ("prefilter-spare = 1000001", ("[NFTABLES] prefilter-spare", "0..1000000")),
         ("prefilter-size = 56", ("[NFTABLES] unknown option 'prefilter-size'",)),
     ],
 )

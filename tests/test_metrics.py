@@ -186,6 +186,19 @@ def test_fwd_families() -> None:
     assert got[("fastknockfwd_failed_transactions_total", ())] == 0
 
 
+def test_fwd_families_with_the_prefilter_counters() -> None:
+    counts = {"dropped_size": 3, "dropped_ip4": 7, "spared_ip4": 11, "proven": 2}
+    counts.update(dropped_ip6=0, dropped_ip6group=5, spared_ip6=0, spared_ip6group=0)
+    got = parse(render(metrics.fwd_families({}, counts)))
+    assert got[("fastknockfwd_prefilter_dropped_total", (("reason", "size"),))] == 3
+    assert got[("fastknockfwd_prefilter_dropped_total", (("reason", "ip4"),))] == 7
+    assert got[("fastknockfwd_prefilter_dropped_total", (("reason", "ip6group"),))] == 5
+    assert got[("fastknockfwd_prefilter_spared_total", (("reason", "ip4"),))] == 11
+    assert got[("fastknockfwd_prefilter_proven_total", ())] == 2
+    without = parse(render(metrics.fwd_families({})))  # no pre-filter: no such families
+    assert not any(name.startswith("fastknockfwd_prefilter") for name, _ in without)
+
+
 def test_writer_task_writes_periodically_and_at_stop(tmp_path: Path) -> None:
     path = tmp_path / "fastknockd.prom"
     counters = Counters()

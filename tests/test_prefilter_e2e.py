@@ -30,7 +30,11 @@ pytestmark = pytest.mark.e2e
 
 PORT = 5800
 RATE, BURST = 1, 40
-CFG = NftablesConfig(chain_input="LETMEIN-INPUT", prefilter_rate=RATE, prefilter_burst=BURST)
+# No spare allowance here (the per-source bounds are exact); test_prefilter_fill_e2e.py
+# covers the spare and the proven sources.
+CFG = NftablesConfig(
+    chain_input="LETMEIN-INPUT", prefilter_rate=RATE, prefilter_burst=BURST, prefilter_spare=0
+)
 MSG = b"K" * 56
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; root may exceed net.core.rmem_max
 
@@ -47,9 +51,13 @@ def setup(pair: netns.Pair, cfg: NftablesConfig) -> None:
     with netns.entered(pair.server):
         runner = LibNftables()
         try:
-            Firewall(cfg, runner, control_port=PORT, control_tcp=False, control_udp=True).setup()
+            firewall(cfg, runner).setup()
         finally:
             runner.close()
+
+
+def firewall(cfg: NftablesConfig, runner: LibNftables) -> Firewall:
+    return Firewall(cfg, runner, control_port=PORT, control_tcp=False, control_udp=True)
 
 
 class Receiver:
@@ -148,8 +156,7 @@ def test_ipv6_sources_are_limited_per_prefix(pair: netns.Pair) -> None:
     finally:
         rx.close()
     # Per address (/128): the neighbour has its own bucket.
-    setup(pair, dataclasses.replace(CFG, prefilter_ipv6_prefix=128))
-    netns.nft(pair.server, "flush", "set", "inet", "filter", "fastknock_prefilter6")
+    setup(pair, dataclasses.replace(CFG, prefilter_ipv6_prefix=128))  # fresh buckets
     rx = Receiver(pair.server)
     try:
         send(pair.client, flooder, pair.server_v6, [MSG] * 1000)

@@ -2,7 +2,8 @@
  * floodgen: the flood generator and the C recvmmsg drain reference of bench/flood.
  *
  *   floodgen send --mode MODE --src A.B.C.D --dst A.B.C.D --port P --seconds S
- *                 [--ports N] [--sources N] [--user HEX] [--resource HEX] [--knock HEX112]
+ *                 [--ports N] [--sources N [--fresh A.B.C.D]] [--user HEX] [--resource HEX]
+ *                 [--knock HEX112]
  *   floodgen drain --port P --seconds S
  *
  * send: IPv4 datagrams, 64 per sendmmsg call, for S seconds, from source address --src
@@ -10,7 +11,9 @@
  * ports 20000 .. 20000+N-1 in turn, through a raw socket (IP_HDRINCL) that sets any
  * source port without binding N sockets; with --sources N > 1 (raw socket too) from the
  * addresses --src, --src + 1, ... --src + N - 1 (spoofed: the benchmark routes their
- * replies back into the sending namespace, which drops them). Payloads come from a pool of
+ * replies back into the sending namespace, which drops them); adding --fresh F (pre-filter
+ * fill): the first N datagrams from the N sources (one each), then every other datagram
+ * from F (a fresh flooding source) while the rest keep cycling. Payloads come from a pool of
  * 4096 pre-built ones, so the generator spends its time sending. Modes:
  *   junk       56 random bytes (wrong magic)
  *   wrongsize  100 random bytes
@@ -57,7 +60,7 @@ static void die(const char *what) {
 
 static void usage(void) {
     fprintf(stderr, "usage: floodgen send --mode junk|wrongsize|forged|replay|response --src A "
-                    "--dst A --port P --seconds S [--ports N] [--sources N] [--user HEX] "
+                    "--dst A --port P --seconds S [--ports N] [--sources N [--fresh A]] [--user HEX] "
                     "[--resource HEX] "
                     "[--knock HEX]\n       floodgen drain --port P --seconds S\n");
     exit(2);
@@ -89,7 +92,7 @@ static int unhex(const char *s, uint8_t *out, size_t n) {
 }
 
 static int do_send(int argc, char **argv) {
-    const char *mode = NULL, *src = NULL, *dst = NULL, *knock = NULL;
+    const char *mode = NULL, *src = NULL, *dst = NULL, *knock = NULL, *fresh = NULL;
     int port = 0, nports = 1, nsources = 1;
     double seconds = 0;
     uint32_t user = 1, resource = 0x22;
@@ -100,6 +103,7 @@ static int do_send(int argc, char **argv) {
         else if (!strcmp(argv[i], "--port")) port = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--ports")) nports = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--sources")) nsources = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--fresh")) fresh = argv[i + 1];
         else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--user")) user = (uint32_t)strtoul(argv[i + 1], NULL, 16);
         else if (!strcmp(argv[i], "--resource")) resource = (uint32_t)strtoul(argv[i + 1], NULL, 16);
@@ -107,10 +111,12 @@ static int do_send(int argc, char **argv) {
         else usage();
     }
     if (!mode || !src || !dst || port <= 0 || port > 65535 || seconds <= 0 || nports < 1 ||
-        nports > 40000 || nsources < 1 || nsources > 65536)
+        nports > 40000 || nsources < 1 || nsources > 1000000)
         usage();
     struct in_addr sa, da;
     if (inet_pton(AF_INET, src, &sa) != 1 || inet_pton(AF_INET, dst, &da) != 1) usage();
+    struct in_addr fa = {0};
+    if (fresh && (nsources < 2 || inet_pton(AF_INET, fresh, &fa) != 1)) usage();
 
     size_t paylen = 56;
     uint8_t knockbytes[56];
@@ -184,7 +190,9 @@ static int do_send(int argc, char **argv) {
             unsigned sport = 20000 + (pi++ % (unsigned)nports);
             slots[i][20] = sport >> 8;
             slots[i][21] = sport & 0xFF;
-            if (nsources > 1) {
+            if (fresh && si >= (unsigned)nsources && ((sent + i) & 1)) {
+                memcpy(slots[i] + 12, &fa, 4); /* the fresh flooding source */
+            } else if (nsources > 1) {
                 uint32_t a = htonl(base + si++ % (unsigned)nsources);
                 memcpy(slots[i] + 12, &a, 4);
             }

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -62,6 +63,21 @@ KEY = bytes.fromhex("80E9C81DFA4879B2C64910E1B6870DA42DFB82261B76C859F3A0F5A09DE
 RES = 0x00000022
 MODES = ("junk", "wrongsize", "forged", "replay", "replay-many", "response")
 SPOOF_BASE = "10.99.0.1"  # --sources: spoofed sources from here on, routed back to the client
+FILL = "prefilter-fill"  # junk from FILL_SOURCES spoofed sources, then half from a fresh one
+FILL_SOURCES = 70_000
+# The pre-filter of before issue 11 (per-address dynamic sets, fillable), the baseline of
+# the prefilter-fill rows; its drop rule counts.
+_OLD_MATCH = "udp dport 5800 fib daddr type local"
+_OLD_CHAIN = "add rule inet filter fastknock-prefilter"
+OLD_PREFILTER = (
+    "add set inet filter fastknock_prefilter4 { type ipv4_addr; size 65536; "
+    "flags dynamic,timeout; timeout 60s; }\n"
+    "add chain inet filter fastknock-prefilter { type filter hook prerouting priority raw; "
+    "policy accept; }\n"
+    f"{_OLD_CHAIN} {_OLD_MATCH} udp length != 64 drop\n"
+    f"{_OLD_CHAIN} {_OLD_MATCH} update @fastknock_prefilter4 "
+    "{ ip saddr limit rate over 1000/second burst 1000 packets } counter drop\n"
+)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -73,12 +89,12 @@ PREFILTER_RATE = 1000
 PREFILTER_BURST = 1000
 
 
-def config(prefilter: bool) -> str:
+def config(prefilter: bool, extra: str = "") -> str:
     return (
         "[GENERAL]\nport = 5800/udp\ncontrol-timeout = 2\ncontrol-error-policy = basic-auth\n"
         "[NFTABLES]\nchain-input = LETMEIN-INPUT\nchain-forward = LETMEIN-FORWARD\n"
         f"chain-output = LETMEIN-OUTPUT\nprefilter = {'on' if prefilter else 'off'}\n"
-        f"prefilter-rate = {PREFILTER_RATE}\nprefilter-burst = {PREFILTER_BURST}\n"
+        f"prefilter-rate = {PREFILTER_RATE}\nprefilter-burst = {PREFILTER_BURST}\n{extra}"
         f"[KEYS]\n{USER:08X} = {KEY.hex().upper()}\n"
         f"[RESOURCES]\n{RES:08X} = port: 2222\n"
     )
@@ -97,6 +113,7 @@ class Row:
     ok: int
     knocks: int
     latencies: list[float]
+    pf_dropped: int = -1  # datagrams the pre-filter dropped for a rate (prefilter-fill rows)
 
     @property
     def absorbed(self) -> float:
@@ -161,10 +178,10 @@ class Bench:
                 proc.kill()
                 proc.wait(5)
 
-    def start_fwd(self, prefilter: bool) -> None:
+    def start_fwd(self, prefilter: bool, extra: str = "") -> None:
         self._stop(self.fwd)
         conf = self.work / f"fastknockd-{'pf' if prefilter else 'nopf'}.conf"
-        conf.write_text(config(prefilter))
+        conf.write_text(config(prefilter, extra))
         conf.chmod(0o600)
         self.conf = conf
         rundir = self.work / "run"
@@ -294,10 +311,12 @@ class Bench:
     def flood(
         self, mode: str, seconds: float, ports: int, sources: int = 1
     ) -> subprocess.Popen[str]:
-        gen_mode = "replay" if mode == "replay-many" else mode
+        gen_mode = {"replay-many": "replay", FILL: "junk"}.get(mode, mode)
+        fill = ["--fresh", self.flood_src] if mode == FILL else []
         argv = [
             self.floodgen,
             "send",
+            *fill,
             "--mode",
             gen_mode,
             "--src",
@@ -333,7 +352,10 @@ class Bench:
     ) -> Row:
         seconds = self.args.seconds
         ports = ports or (1000 if mode == "replay" else 1)
-        sources = sources or (self.args.sources if mode == "replay-many" else 1)
+        sources = sources or (
+            self.args.sources if mode == "replay-many" else FILL_SOURCES if mode == FILL else 1
+        )
+        pf0 = self.pf_dropped() if mode == FILL else 0  # (an nft call: only when used)
         snmp0, cpu0, t0 = self.snmp(pids[0]), self.cpu_ticks(pids), time.monotonic()
         gen = self.flood(mode, seconds, ports, sources)
         time.sleep(0.3)
@@ -357,9 +379,26 @@ class Bench:
             len(ok),
             knocks,
             ok,
+            self.pf_dropped() - pf0 if mode == FILL else -1,
         )
         print(fmt(row), flush=True)
         return row
+
+    def no_flood(self, path: str, knocks: int) -> Row:
+        """The legitimate knocks alone (the no-attack control)."""
+        seconds = self.args.seconds
+        t0 = time.monotonic()
+        ok = [x for x in self.knocks(knocks, max(seconds - 1.0, 0.5)) if x is not None]
+        row = Row(path, "none", True, time.monotonic() - t0, 0, 0, 0, 0.0, len(ok), knocks, ok)
+        print(fmt(row), flush=True)
+        return row
+
+    def pf_dropped(self) -> int:
+        """Datagrams the pre-filter (old or new) dropped for a rate so far."""
+        table = netns.nft(self.pair.server, "list", "table", "inet", "filter")
+        new = re.search(r"counter fastknock_pf_dropped_ip4 \{\s*packets (\d+)", table)
+        old = re.search(r"\} counter packets (\d+) bytes \d+ drop", table)
+        return int((new or old).group(1)) if (new or old) else 0  # type: ignore[union-attr]
 
     def drain_reference(self, mode: str) -> Row:
         seconds = self.args.seconds
@@ -396,16 +435,16 @@ def fmt(r: Row) -> str:
     knocks = f"{r.ok:>4}/{r.knocks:<4}" if r.knocks else "    -    "
     lat = f"{r.pct(0.5):7.2f} {r.pct(0.99):7.2f}" if r.knocks else "      -       -"
     return (
-        f"{r.path:<22} {r.mode:<11} {'on ' if r.prefilter else 'off'} "
+        f"{r.path:<22} {r.mode:<14} {'on ' if r.prefilter else 'off'} "
         f"{r.sent / r.seconds / 1e6:7.3f} {r.absorbed / 1e6:8.3f} {r.read / r.seconds / 1e6:7.3f} "
         f"{r.cpu:5.0f}% {r.cost:6.2f} {knocks} {lat}"
-    )
+    ) + (f"  pf dropped {r.pf_dropped / r.seconds / 1e6:.3f} M/s" if r.pf_dropped >= 0 else "")
 
 
 HEADER = (
-    f"{'receive path':<22} {'mode':<11} pf  {'sent':>7} {'absorbed':>8} {'read':>7} "
+    f"{'receive path':<22} {'mode':<14} pf  {'sent':>7} {'absorbed':>8} {'read':>7} "
     f"{'CPU':>6} {'us/dg':>6} {'legit OK':<9} {'p50 ms':>7} {'p99 ms':>7}\n"
-    f"{'':<22} {'':<11}     {'M/s':>7} {'M/s':>8} {'M/s':>7}"
+    f"{'':<22} {'':<14}     {'M/s':>7} {'M/s':>8} {'M/s':>7}"
 )
 
 
@@ -424,7 +463,11 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="workers for the multi-core row")
     ap.add_argument("--seconds", type=float, default=5.0, help="flood seconds per measurement")
     ap.add_argument("--knocks", type=int, default=500, help="legitimate knocks per flood")
-    ap.add_argument("--modes", default=",".join(MODES), help="flood modes, comma-separated")
+    ap.add_argument(
+        "--modes",
+        default=",".join((*MODES, FILL)),
+        help=f"flood modes, comma-separated ({', '.join((*MODES, FILL))})",
+    )
     ap.add_argument(
         "--sources",
         type=int,
@@ -435,7 +478,8 @@ def main() -> int:
     if netns.missing() or shutil.which("cc") is None:
         print(f"bench/flood needs root, nft, ip and cc: {netns.missing() or 'no cc'}")
         return 2
-    modes = [m for m in args.modes.split(",") if m]
+    modes = [m for m in args.modes.split(",") if m and m != FILL]
+    fill = FILL in args.modes.split(",")
     with workdir() as work, netns.veth_pair() as pair:
         subprocess.run(
             ["cc", "-O2", "-Wall", "-o", str(work / "floodgen"), str(HERE / "floodgen.c")],
@@ -459,6 +503,13 @@ def main() -> int:
             f"{PREFILTER_BURST} per source\n"
         )
         print(HEADER, flush=True)
+        if fill:
+            rows += prefilter_fill(bench, args.knocks)
+        if not modes:
+            bench._stop(bench.server)
+            bench._stop(bench.fwd)
+            fill_summary(rows)
+            return 0
         bench.start_fwd(prefilter=False)
         paths = [
             ("batched", "batched", 1, False),
@@ -482,7 +533,46 @@ def main() -> int:
         bench._stop(bench.server)
         bench._stop(bench.fwd)
         summary(rows, rss)
+        fill_summary(rows)
     return 0
+
+
+def prefilter_fill(bench: Bench, knocks: int) -> list[Row]:
+    """The prefilter-fill rows, batched path: a no-flood control; the old per-address
+    pre-filter (loaded by hand, fastknockfwd's own off); the current one without a spare
+    allowance (strict per-source limits) and at its defaults; the same flood each time."""
+    rows = []
+    bench.start_fwd(prefilter=True)
+    bench.start_server("batched")
+    rows.append(bench.no_flood("batched, pf", knocks))
+    bench.start_fwd(prefilter=False)
+    netns.nft(bench.pair.server, "-f", "-", stdin=OLD_PREFILTER)
+    bench.start_server("batched")
+    rows.append(bench.measure("batched, old pf", FILL, True, bench.server_pids(), knocks))
+    for label, extra in (("batched, pf spare 0", "prefilter-spare = 0\n"), ("batched, pf", "")):
+        bench.start_fwd(prefilter=True, extra=extra)  # replaces the old chain and set
+        bench.start_server("batched")
+        rows.append(bench.measure(label, FILL, True, bench.server_pids(), knocks))
+    return rows
+
+
+def fill_summary(rows: list[Row]) -> None:
+    fill = [r for r in rows if r.mode == FILL or (r.mode == "none" and r.prefilter)]
+    if not fill:
+        return
+    print(
+        f"\nprefilter-fill: {FILL_SOURCES} spoofed sources first (one datagram each), then "
+        "every other datagram from one fresh flooding source; 'fresh flooder cut' = what the "
+        "pre-filter dropped of that source's share (about half of what was sent after the "
+        "spoofed ones):"
+    )
+    for r in fill:
+        flooder = max((r.sent - FILL_SOURCES) / 2, 1)
+        cut = f"fresh flooder cut {r.pf_dropped / flooder:5.1%}" if r.mode == FILL else "no flood"
+        print(
+            f"  {r.path:<20} legit OK {r.ok}/{r.knocks} p50/p99 {r.pct(0.5):.2f}/"
+            f"{r.pct(0.99):.2f} ms; {cut}"
+        )
 
 
 def summary(rows: list[Row], rss: tuple[int, int, int, int]) -> None:

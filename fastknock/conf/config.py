@@ -25,7 +25,8 @@ Design
 * Mappings in ``Config`` are read-only ``MappingProxyType`` views.
 * fastknock extensions (letmein has none of these): ``[NFTABLES] prefilter = on|off``
   (default on), ``prefilter-rate`` (default 100 datagrams/s per source),
-  ``prefilter-burst`` (default 200) and ``prefilter-ipv6-prefix`` (default 64): the
+  ``prefilter-burst`` (default 200), ``prefilter-ipv6-prefix`` (default 64),
+  ``prefilter-ipv6-group`` (default 48) and ``prefilter-spare`` (default 20000/s): the
   in-kernel pre-filter of a UDP control port, set up by fastknockfwd (``firewall/prefilter.py``).
 """
 
@@ -111,7 +112,14 @@ _SECTIONS = ("GENERAL", "NFTABLES", "CLIENT", "KEYS", "RESOURCES")
 _GENERAL = ("debug", "port", "control-timeout", "control-error-policy", "seccomp")
 _NFTABLES = tuple(
     "exe family table chain-input chain-forward chain-output timeout max-nr-rules".split()
-) + ("prefilter", "prefilter-rate", "prefilter-burst", "prefilter-ipv6-prefix")
+) + (
+    "prefilter",
+    "prefilter-rate",
+    "prefilter-burst",
+    "prefilter-ipv6-prefix",
+    "prefilter-ipv6-group",
+    "prefilter-spare",
+)
 _PREFILTER_MAX = 1_000_000  # datagrams/s and burst: far above any real knock rate
 _CLIENT = ("default-user",)
 _FAMILIES = ("inet", "ip", "ip6")
@@ -239,7 +247,8 @@ class _Parser(Checker):
 
     def prefilter(self, opts: dict[str, RawOption], kw: dict[str, object]) -> None:
         """``prefilter = on|off`` (also true/false), ``prefilter-rate`` (datagrams/s per
-        source), ``prefilter-burst`` (datagrams), ``prefilter-ipv6-prefix`` (16..128)."""
+        source), ``prefilter-burst`` (datagrams), ``prefilter-ipv6-prefix`` and
+        ``prefilter-ipv6-group`` (16..128), ``prefilter-spare`` (datagrams/s, 0 = none)."""
         if "prefilter" in opts:
             opt = opts["prefilter"]
             word = lower_word(opt.value)
@@ -254,6 +263,8 @@ class _Parser(Checker):
             ("prefilter-rate", 1, _PREFILTER_MAX),
             ("prefilter-burst", 1, _PREFILTER_MAX),
             ("prefilter-ipv6-prefix", 16, 128),
+            ("prefilter-ipv6-group", 16, 128),
+            ("prefilter-spare", 0, _PREFILTER_MAX),
         ):
             if name in opts:
                 kw[name.replace("-", "_")] = self.uint(

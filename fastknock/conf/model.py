@@ -83,11 +83,15 @@ class NftablesConfig:
     max_nr_rules: int = 100
     # In-kernel pre-filter for a UDP control port (fastknock extension, see firewall/prefilter.py):
     # drop datagrams that are not 56 bytes, and rate-limit each source (an IPv4 address,
-    # or an IPv6 prefix of prefilter-ipv6-prefix bits) to rate/s with a burst.
+    # or an IPv6 prefix of prefilter-ipv6-prefix bits; and each IPv6 group prefix at
+    # GROUP_FACTOR times that) to rate/s with a burst; what a source sends beyond its
+    # allowance still passes while the shared spare allowance (datagrams/s) lasts.
     prefilter: bool = True
     prefilter_rate: int = 100  # datagrams per second per source
     prefilter_burst: int = 200  # datagrams
     prefilter_ipv6_prefix: int = 64
+    prefilter_ipv6_group: int = 48
+    prefilter_spare: int = 20000  # datagrams per second, shared by all sources; 0: none
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,10 @@ Design
   leases are per-lease rules whose deadline is in their comment; ``sweep`` removes them
   when due (also after a restart).
 - Counters (``Daemon.stats``, ``metric_families``) for the log and ``--metrics-file``.
+- The pre-filter (``firewall.prefilter``): ``watch_prefilter`` reads its kernel counters
+  every ``prefilter_poll`` seconds (in a thread; the metrics use the last reading) and,
+  while it sheds, logs one warning a minute at most, naming the reason and the top sampled
+  source prefix (``prefilter.Shedding``).
 """
 
 from __future__ import annotations
@@ -41,12 +45,13 @@ from dataclasses import dataclass, field
 
 from fastknock import ipc
 from fastknock.conf.model import Config, JumpResource, Refusal
-from fastknock.errors import WireError
+from fastknock.errors import FirewallError, WireError
+from fastknock.firewall import prefilter
 from fastknock.firewall.nft import Change, Firewall, JumpLease, LeaseKey, PortLease
 from fastknock.ipc import FwOp, FwRequest, FwStatus
 from fastknock.osutil import metrics
 
-__all__ = ["SWEEP_INTERVAL", "Daemon", "ServerAccount"]
+__all__ = ["PREFILTER_POLL", "SWEEP_INTERVAL", "Daemon", "ServerAccount"]
 
 log = logging.getLogger("fastknockfwd")
 
@@ -57,6 +62,7 @@ _BAD_ADDRS = {
     ipaddress.ip_address("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
 }
 SWEEP_INTERVAL = 0.25
+PREFILTER_POLL = 10.0  # seconds between readings of the pre-filter's counters
 
 
 @dataclass
@@ -89,6 +95,9 @@ class Daemon:
     _queue: list[_Item] = field(default_factory=list)
     _worker: asyncio.Task[None] | None = None
     _expiring: set[LeaseKey] = field(default_factory=set)  # jump expiries in flight
+    prefilter_poll: float = PREFILTER_POLL
+    prefilter_counts: dict[str, int] = field(default_factory=dict)  # the last reading
+    shedding: prefilter.Shedding = field(default_factory=prefilter.Shedding)
 
     def _now(self) -> float:
         return self.clock()
@@ -131,7 +140,8 @@ class Daemon:
 
     def metric_families(self) -> list[metrics.Family]:
         replies = {k: v for k, v in self.counts.items() if k.startswith("status_")}
-        return metrics.fwd_families({**self.stats, **replies})
+        counts = self.prefilter_counts if self.fw.prefilter else None
+        return metrics.fwd_families({**self.stats, **replies}, counts)
 
     def log_stats(self) -> None:
         log.info("stats: %s", " ".join(f"{k}={v}" for k, v in self.stats.items()))
@@ -270,6 +280,29 @@ class Daemon:
                 self._expiring.update(due)
                 log.info("expiring %d jump lease(s)", len(due))
                 self._enqueue(_Item([Change(k, False) for k in due], False, None))
+
+    async def watch_prefilter(self) -> None:
+        """Read the pre-filter's counters periodically; warn (rate-limited) while it sheds."""
+        while True:
+            await self.poll_prefilter()
+            await asyncio.sleep(self.prefilter_poll)
+
+    async def poll_prefilter(self) -> None:
+        fw = self.fw  # a reload may swap it meanwhile
+        if not fw.prefilter:
+            return
+        try:
+            counts = await asyncio.to_thread(fw.prefilter_counters)
+            self.prefilter_counts = counts
+            due = self.shedding.update(counts, self._now())
+            if due is None:
+                return
+            reason, dropped = due
+            top = await asyncio.to_thread(fw.prefilter_top, reason)
+        except FirewallError as exc:
+            log.debug("cannot read the pre-filter's counters: %s", exc)
+            return
+        log.warning("%s", self.shedding.line(reason, dropped, self.prefilter_poll, top))
 
     async def drain(self) -> None:
         if self._worker is not None:

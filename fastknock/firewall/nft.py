@@ -31,7 +31,9 @@ is stopped, jump leases do not expire; port leases do.
 
 *Pre-filter*: with a UDP control port, the daemon also keeps its own base chain
 ``fastknock-prefilter`` (``prefilter.py``: wrong sizes and per-source floods dropped at
-prerouting, before conntrack).
+prerouting, before conntrack). Every lease install also puts the knocking address into
+``fastknock_proven4/6`` (same transaction, same add/delete/add refresh), which the
+pre-filter lets through before its per-source buckets.
 
 Static rules are found by their ``fastknock:`` comment, so restarts never duplicate them;
 rules without that comment are never touched. The daemon never flushes anything.
@@ -51,6 +53,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -127,6 +130,7 @@ class Firewall:
         control_tcp: bool = True,
         control_udp: bool = False,
         clock: Callable[[], float] = time.time,
+        seed: int | None = None,
     ) -> None:
         if cfg.family not in ("inet", "ip", "ip6"):
             raise FirewallError(f"unknown nftables family {cfg.family!r}")
@@ -146,6 +150,9 @@ class Firewall:
             if on and control_port
         ]
         self._where = f"{cfg.family} {cfg.table}"
+        # The pre-filter's hash seed: secret, new at each start (and reload).
+        self.seed = secrets.randbits(32) if seed is None else seed
+        self.prefilter = prefilter.active(cfg, self._udp_control_port())
 
     # -- names --
 
@@ -188,9 +195,9 @@ class Firewall:
     def _udp_control_port(self) -> int | None:
         return next((port for proto, port in self.control if proto == "udp"), None)
 
-    def prefilter_rules(self) -> list[str]:
-        """The pre-filter chain's rules (``prefilter.rules``), in order."""
-        return prefilter.rules(self.cfg, self.versions, self._udp_control_port())
+    def prefilter_rules(self) -> dict[str, list[str]]:
+        """The pre-filter's chains and their rules (``prefilter.rules``)."""
+        return prefilter.rules(self.cfg, self.versions, self._udp_control_port(), self.seed)
 
     def setup(self) -> None:
         """Create missing sets and static rules; drop stale or duplicated own static rules;
@@ -212,7 +219,8 @@ class Firewall:
             self._where,
             self.versions,
             self._udp_control_port(),
-            self._exists(f"chain {self._where} {prefilter.CHAIN}"),
+            self.seed,
+            self._exists,
         )
         for comment, handle in self._own_rules(chain):
             if comment.startswith(JUMP_PREFIX):
@@ -227,6 +235,21 @@ class Firewall:
         self.runner.run("\n".join(cmds))
 
     # -- reading the kernel --
+
+    def prefilter_counters(self) -> dict[str, int]:
+        """The pre-filter's named counters (packets by ``prefilter.COUNTERS`` name); empty
+        without a pre-filter."""
+        if not self.prefilter:
+            return {}
+        return prefilter.parse_counters(
+            self.runner.run(f"list counters table {self._where}", json_output=True)
+        )
+
+    def prefilter_top(self, reason: str) -> str | None:
+        """The sampled source prefix that the pre-filter dropped most for ``reason``."""
+        name = prefilter.top_set(reason)
+        found = prefilter.parse_top(self.runner.run(f"list set {self._where} {name}", True))
+        return None if found is None else prefilter.top_prefix(reason, found[0], self.cfg)
 
     def _json(self, command: str) -> list[dict[str, Any]]:
         out = self.runner.run(command, json_output=True)
@@ -332,6 +355,7 @@ class Firewall:
 
     def commands(self, changes: Iterable[Change], handles: dict[JumpLease, list[str]]) -> list[str]:
         """The nft commands for ``changes``: three per touched set, plus the jump rules."""
+        changes = list(changes)
         touched: dict[str, list[str]] = {}
         fresh: dict[str, list[str]] = {}
         jumps: list[str] = []
@@ -358,6 +382,16 @@ class Firewall:
                 jumps.append(
                     f'add rule {self._where} {chain} {match}jump {key.target} comment "{comment}"'
                 )
+        for change in changes if self.prefilter else ():  # proven sources pass first
+            addr = getattr(change.key, "addr", None)
+            if change.install and addr is not None:
+                name = f"{prefilter.PROVEN_SET}{addr.version}"
+                touched.setdefault(name, [])
+                if str(addr) not in touched[name]:
+                    touched[name].append(str(addr))
+                    fresh.setdefault(name, []).append(
+                        prefilter.proven_element(addr, change.timeout)
+                    )
         cmds = []
         for name, elems in touched.items():
             # add (no-op if present) + delete: works whether or not the element exists.

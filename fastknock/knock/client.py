@@ -9,10 +9,17 @@ KNOCK/REVOKE datagram is re-sent (the same bytes) every ``timeout / RETRANSMITS`
 arrives, so one lost datagram doesn't fail the knock; the server answers a duplicate of a
 session's first datagram with the very same CHALLENGE. Only the first datagram is re-sent: a
 RESPONSE is never repeated (the server accepts a token once).
+
+UDP with a TCP fallback (``Target.fallback_tcp``: the config offers both transports and
+UDP was asked for): if the first datagram gets no answer within half the control timeout
+(a lost path, no UDP listener, or a flood that the server's pre-filter sheds), the knock
+is run again over TCP, with a fresh session and the full timeout per step. Only silence
+falls back: a refusal over UDP is final.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -35,6 +42,7 @@ class Target:
     family: socket.AddressFamily
     port: int  # control port
     udp: bool
+    fallback_tcp: bool = False  # UDP only: knock again over TCP if UDP gets no answer
 
     def __str__(self) -> str:
         host = f"[{self.address}]" if self.family == socket.AF_INET6 else self.address
@@ -55,7 +63,34 @@ def run_session(
     log: Log = _quiet,
 ) -> None:
     """Knock (or revoke) once at ``target``. Returns after COMEIN, raises KnockError otherwise."""
-    session = ClientSession(key, user, resource, operation, os.urandom)
+
+    def attempt(to: Target, first_wait: float | None = None) -> None:
+        session = ClientSession(key, user, resource, operation, os.urandom)
+        what = f"{operation.name} user {user:08X} resource {resource:08X}"
+        _attempt(to, session, what, timeout, log, first_wait)
+
+    if target.udp and target.fallback_tcp:
+        try:
+            attempt(target, first_wait=timeout / 2)
+            return
+        except _NoAnswer:
+            log(f"{target}: no answer over UDP within {timeout / 2:g} s, falling back to TCP")
+        target = dataclasses.replace(target, udp=False, fallback_tcp=False)
+    attempt(target)
+
+
+class _NoAnswer(Exception):
+    """The first datagram got no answer (only raised when a fallback is possible)."""
+
+
+def _attempt(
+    target: Target,
+    session: ClientSession,
+    what: str,
+    timeout: float,
+    log: Log,
+    first_wait: float | None,
+) -> None:
     kind = socket.SOCK_DGRAM if target.udp else socket.SOCK_STREAM
     try:
         with socket.socket(target.family, kind) as sock:
@@ -65,9 +100,14 @@ def run_session(
             log(f"{target}: connecting")
             sock.connect((target.address, target.port))
             first = session.start()
-            log(f"{target}: sending {operation.name} user {user:08X} resource {resource:08X}")
+            log(f"{target}: sending {what}")
             sock.sendall(first)
-            reply = _receive(sock, target, timeout, resend=first, log=log)
+            try:
+                reply = _receive(sock, target, first_wait or timeout, resend=first, log=log)
+            except (TimeoutError, ConnectionRefusedError):  # silence, or ICMP unreachable
+                if first_wait is None:
+                    raise
+                raise _NoAnswer from None
             while True:
                 log(f"{target}: received {_op_name(reply)}")
                 result = session.receive(reply)

@@ -152,8 +152,12 @@ _FWD_COUNTERS = {
 }  # fmt: skip
 
 
-def fwd_families(stats: Mapping[str, int]) -> list[Family]:
-    """fastknockfwd's metric families from ``Daemon.stats`` (plus its ``counts``)."""
+def fwd_families(
+    stats: Mapping[str, int], prefilter: Mapping[str, int] | None = None
+) -> list[Family]:
+    """fastknockfwd's metric families from ``Daemon.stats`` (plus its ``counts``) and the
+    pre-filter's kernel counters (``firewall.prefilter.COUNTERS`` names; None: no
+    pre-filter, no such families)."""
     fams = [
         Family(name, "counter", text, [Sample(stats.get(key, 0))])
         for key, (name, text) in _FWD_COUNTERS.items()
@@ -166,6 +170,8 @@ def fwd_families(stats: Mapping[str, int]) -> list[Family]:
             [Sample(stats.get("live", 0))],
         )
     )
+    if prefilter is not None:
+        fams += _prefilter_families(prefilter)
     statuses = sorted(k for k in stats if k.startswith("status_"))
     if statuses:
         fams.append(
@@ -177,6 +183,29 @@ def fwd_families(stats: Mapping[str, int]) -> list[Family]:
             )
         )
     return fams
+
+
+def _prefilter_families(counts: Mapping[str, int]) -> list[Family]:
+    """From the kernel's counters as read (all of them exist from the pre-filter's set-up
+    on, so every series is there from the start): ``dropped_<reason>``, ``spared_<reason>``,
+    ``proven``."""
+
+    def by_reason(kind: str) -> list[Sample]:
+        keys = sorted(k for k in counts if k.startswith(f"{kind}_"))
+        return [Sample(counts[k], (("reason", k[len(kind) + 1 :]),)) for k in keys]
+
+    return [
+        Family("fastknockfwd_prefilter_dropped_total", "counter", "Datagrams the in-kernel "
+               "pre-filter dropped: wrong size, or over a source's allowance (reason ip4: "
+               "address, ip6: IPv6 prefix, ip6group: IPv6 group) and over the spare.",
+               by_reason("dropped")),
+        Family("fastknockfwd_prefilter_spared_total", "counter", "Datagrams over a source's "
+               "allowance that the pre-filter's spare allowance let through.",
+               by_reason("spared")),
+        Family("fastknockfwd_prefilter_proven_total", "counter", "Datagrams from proven "
+               "sources (a recent lease) that passed before the buckets.",
+               [Sample(counts.get("proven", 0))]),
+    ]  # fmt: skip
 
 
 # -- the periodic writer -----------------------------------------------------------------------
