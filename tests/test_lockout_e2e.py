@@ -117,11 +117,11 @@ def legit_knocks(stack: Stack, n: int, src: str) -> int:
         peer = stack.udp(src)
         try:
             peer.send(signed(KEY1, KNOCK, USER1, RES.id))
-            reply = peer.recv(3.0)
+            reply = peer.recv(5.0)
             if reply is None or unpack(reply).op != CHALLENGE:
                 continue
             peer.send(signed(KEY1, RESPONSE, USER1, RES.id, unpack(reply).auth))
-            reply = peer.recv(3.0)
+            reply = peer.recv(5.0)
             ok += reply is not None and unpack(reply).op == COMEIN
         finally:
             peer.close()
