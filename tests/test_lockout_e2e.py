@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests import netns
+from tests import netns, spoof
 from tests.e2e_support import (
     CHALLENGE,
     COMEIN,
@@ -40,24 +40,6 @@ CONTROL_TIMEOUT = 5.0  # the issue's defaults: -n 64 -N 8, control-timeout 5, pr
 SPOOF_NET = "10.99"
 
 
-def _ip_checksum(header: bytes) -> int:
-    total = sum(struct.unpack("!10H", header))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
-def _datagram(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
-    """An IPv4 + UDP packet (UDP checksum 0: allowed for IPv4)."""
-    length = 20 + 8 + len(payload)
-    head = struct.pack(
-        "!BBHHHBBH4s4s", 0x45, 0, length, 0, 0, 64, socket.IPPROTO_UDP, 0,
-        socket.inet_aton(src), socket.inet_aton(dst),
-    )  # fmt: skip
-    head = head[:10] + struct.pack("!H", _ip_checksum(head)) + head[12:]
-    return head + struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-
-
 class Replayer:
     """Sends one captured datagram from ``sources`` spoofed addresses (round robin, a new
     source port per round) as fast as one thread can, until stopped or ``limit`` s."""
@@ -66,7 +48,7 @@ class Replayer:
         self.stack = stack
         self.dst = stack.addrs(False)[0]
         self.packets = [
-            _datagram(f"{SPOOF_NET}.{i // 250}.{i % 250 + 1}", self.dst, 0, 5800, payload)
+            spoof.packet(f"{SPOOF_NET}.{i // 250}.{i % 250 + 1}", 0, self.dst, 5800, payload)
             for i in range(sources)
         ]
         self.sent = 0
