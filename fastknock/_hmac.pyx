@@ -322,22 +322,25 @@ cdef class KeyRing:
                            const unsigned char *auth) noexcept nogil:
         return _verify52(self.states[i], head, challenge, auth)
 
-    def check(self, data, unsigned int allowed_ops=DEFAULT_ALLOWED_OPS):
+    def check(self, data, allowed_ops=DEFAULT_ALLOWED_OPS):
         """Parse and authenticate (zero challenge) the first datagram of a session."""
         cdef Py_buffer view
         cdef const unsigned char *p
         cdef int reason
         cdef Py_ssize_t i
+        if not isinstance(allowed_ops, int):  # as the reference: a float is not truncated
+            raise TypeError(f"allowed_ops must be an int, not {type(allowed_ops).__name__}")
+        cdef unsigned int ops = allowed_ops  # OverflowError outside 0..2**32-1, as the reference
         if PyBytes_CheckExact(data):
             p = <const unsigned char *>PyBytes_AS_STRING(data)
-            reason = self.check_index(p, PyBytes_GET_SIZE(data), allowed_ops, &i)
+            reason = self.check_index(p, PyBytes_GET_SIZE(data), ops, &i)
             if reason != REASON_OK:
                 return _REJECT[reason]
             return (_OK, message_from_raw(p, <object>PyTuple_GET_ITEM(self.users, i)))
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             p = <const unsigned char *>view.buf
-            reason = self.check_index(p, view.len, allowed_ops, &i)
+            reason = self.check_index(p, view.len, ops, &i)
             if reason != REASON_OK:
                 return _REJECT[reason]
             return (_OK, message_from_raw(p, <object>PyTuple_GET_ITEM(self.users, i)))

@@ -323,6 +323,15 @@ def test_check_allowed_ops(ring: Any) -> None:
     assert ring.check(knock(6), 0xFFFFFFFF)[0] == Reason.OPERATION
 
 
+def test_check_allowed_ops_must_be_a_32_bit_int(ring: Any) -> None:
+    """Both implementations refuse what is not a 32-bit mask (C used to truncate a float)."""
+    for bad, exc in ((1.0, TypeError), (1.9, TypeError), ("1", TypeError), (None, TypeError),
+                     (-1, OverflowError), (1 << 32, OverflowError)):  # fmt: skip
+        with pytest.raises(exc):
+            ring.check(knock(), bad)
+    assert ring.check(knock(), 1)[0] == Reason.OK  # control: the int the float stood for
+
+
 def test_check_wrong_types(ring: Any) -> None:
     with pytest.raises(TypeError):
         ring.check("x" * 56)
