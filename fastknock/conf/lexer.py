@@ -28,11 +28,14 @@ Stricter than letmein (deliberately): duplicate options in a section are an erro
 Python ``int()`` surprises (underscores, Unicode digits, the 4300-digit limit).
 
 Nothing here ever puts a raw value into an error message; ``show()`` is the one way to
-quote user text, and it refuses anything that could be key material.
+quote user text (``show_section`` for a section name), and it refuses anything that could
+be key material or a terminal escape: no message holds a control character or a run of
+more than 8 hex digits from the file (tests/test_config_messages.py).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from dataclasses import dataclass, field
@@ -54,6 +57,7 @@ _FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 _ID = re.compile(r"[0-9A-Fa-f]{1,8}")
 _HEX_RUN = re.compile(r"[0-9A-Fa-f]{9,}")
 _SHOW_MAX = 32
+_SECTION_PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # nftables table and chain names
 U32_MAX = 0xFFFFFFFF
 
@@ -69,21 +73,49 @@ def show(s: str) -> str:
     return repr(s)
 
 
+def show_section(name: str) -> str:
+    """``[NAME]`` for a plain section name (letters, digits, ``_``, ``-``), else ``show``."""
+    if _SECTION_PLAIN.fullmatch(name) and not _HEX_RUN.search(name):
+        return f"[{name}]"
+    return show(f"[{name}]")
+
+
 @dataclass(slots=True)
 class RawOption:
     name: str
     value: str
     line: int
-    # (offset into value, line number) where each continuation line's text starts.
-    starts: list[tuple[int, int]] = field(default_factory=list)
+    # Offsets into value where each continuation line's text starts, and those lines
+    # (ascending; line_at bisects them, so an item's line costs O(log n), not O(n)).
+    starts: list[int] = field(default_factory=list)
+    start_lines: list[int] = field(default_factory=list)
 
     def line_at(self, offset: int) -> int:
-        line = self.line
-        for start, lineno in self.starts:
-            if start > offset:
-                break
-            line = lineno
-        return line
+        i = bisect.bisect_right(self.starts, offset)
+        return self.start_lines[i - 1] if i else self.line
+
+
+class _Continued:
+    """An option being read: its continuation lines are collected and joined once at the
+    end (appending to a growing string per line is quadratic)."""
+
+    __slots__ = ("length", "opt", "parts")
+
+    def __init__(self, opt: RawOption) -> None:
+        self.opt = opt
+        self.parts = [opt.value]
+        self.length = len(opt.value)
+
+    def add(self, text: str, lineno: int) -> None:
+        self.length += 1
+        self.opt.starts.append(self.length)
+        self.opt.start_lines.append(lineno)
+        self.parts.append(text)
+        self.length += len(text)
+
+    def finish(self) -> None:
+        if len(self.parts) > 1:
+            self.opt.value = " ".join(self.parts)
 
 
 @dataclass(slots=True)
@@ -97,17 +129,17 @@ def lex(text: str, source: str) -> dict[str, RawSection]:
     """Split a config text into sections and options (no interpretation of values)."""
     sections: dict[str, RawSection] = {}
     current: RawSection | None = None
-    last: RawOption | None = None
+    last: _Continued | None = None
     for lineno, raw in enumerate(text.split("\n"), start=1):
         if raw.endswith("\r"):
             raw = raw[:-1]
         indented = raw[:1] in (" ", "\t")
         if last is not None and indented and strip(raw):
-            last.value += " "
-            last.starts.append((len(last.value), lineno))
-            last.value += raw.lstrip(WS)
+            last.add(raw.lstrip(WS), lineno)
             continue
-        last = None
+        if last is not None:
+            last.finish()
+            last = None
         line = raw.lstrip(WS)
         if not line or line.startswith("#"):
             continue
@@ -121,7 +153,9 @@ def lex(text: str, source: str) -> dict[str, RawSection]:
             if name in sections:
                 first = sections[name].line
                 raise ConfigError(
-                    f"duplicate section [{name}] (first on line {first})", source, lineno
+                    f"duplicate section {show_section(name)} (first on line {first})",
+                    source,
+                    lineno,
                 )
             current = sections[name] = RawSection(name, lineno)
             continue
@@ -140,11 +174,15 @@ def lex(text: str, source: str) -> dict[str, RawSection]:
         if name in current.options:
             first = current.options[name].line
             raise ConfigError(
-                f"[{current.name}] duplicate option {show(name)} (first on line {first})",
+                f"{show_section(current.name)} duplicate option {show(name)} "
+                f"(first on line {first})",
                 source,
                 lineno,
             )
-        last = current.options[name] = RawOption(name, line[idx + 1 :], lineno)
+        current.options[name] = opt = RawOption(name, line[idx + 1 :], lineno)
+        last = _Continued(opt)
+    if last is not None:
+        last.finish()
     return sections
 
 
@@ -165,14 +203,16 @@ def _pieces(value: str) -> list[str]:
     out: list[str] = []
     for piece in value.split("/"):
         segments = piece.split(",")
-        current = segments[0]
+        current = [segments[0]]  # joined once: no string grown per segment (linear)
+        keyed = ":" in segments[0]
         for seg in segments[1:]:
-            if ":" in seg and ":" in current:
-                out.append(current)
-                current = seg
+            if keyed and ":" in seg:
+                out.append(",".join(current))
+                current = [seg]
             else:
-                current += "," + seg
-        out.append(current)
+                current.append(seg)
+                keyed = keyed or ":" in seg
+        out.append(",".join(current))
     return out
 
 
