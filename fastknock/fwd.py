@@ -182,7 +182,8 @@ async def _serve(
 async def _reload(args: argparse.Namespace, daemon: Daemon) -> None:
     """SIGHUP: validate the new config and set up its firewall, then swap; else keep the old."""
     with systemd.reloading(log, not args.no_systemd):
-        cfg = configmod.load_config(args.config, "server")
+        # Read and parsed in a thread: a slow file never stalls the requests being served.
+        cfg = await asyncio.to_thread(configmod.load_config, args.config, "server")
         if cfg.nftables is None:
             raise ConfigError("missing [NFTABLES] section", cfg.source)
         fw = Firewall(cfg.nftables, daemon.fw.runner, cfg.port, cfg.port_tcp, cfg.port_udp)

@@ -272,7 +272,8 @@ async def serve(config: Config, args: argparse.Namespace, socks: Sockets, worker
     udp: recv.BatchedUdp | UdpProtocol | None = None
     tcp: asyncio.base_events.Server | None = None
     udp_sock, tcp_sock = socks
-    loop.add_signal_handler(signal.SIGHUP, _reload, args, controller, link, config)
+    reloads = _Reloads(args, controller, link, config)
+    loop.add_signal_handler(signal.SIGHUP, reloads.start)
     if udp_sock is not None:
         udp = await recv.open_udp(controller, udp_sock, args.udp_path)
     if tcp_sock is not None:
@@ -315,16 +316,35 @@ async def serve(config: Config, args: argparse.Namespace, socks: Sockets, worker
             await writer.stop()
 
 
-def _reload(args: argparse.Namespace, controller: Controller, link: FwdLink, old: Config) -> None:
-    """SIGHUP: validate the new config, then swap the core; a bad one changes nothing."""
-    with systemd.reloading(log, not args.no_systemd):
-        new = load_config(args.config, role="server")
-        if (new.port, new.port_udp, new.port_tcp) != (old.port, old.port_udp, old.port_tcp):
-            log.warning("the control port changed: that takes a restart; the rest applies now")
-        controller.reload(ServerSettings.from_config(new))
-        link.checksum = new.checksum
-        log.info("reloaded %s (%d users, %d resources)", new.source, len(new.keys),
-                 len(new.resources))  # fmt: skip
+class _Reloads:
+    """SIGHUP: read and parse the new config in a thread (a slow file never stalls serving),
+    then swap the core on the loop; a bad one changes nothing. One reload at a time."""
+
+    def __init__(
+        self, args: argparse.Namespace, controller: Controller, link: FwdLink, old: Config
+    ) -> None:
+        self.args, self.controller, self.link, self.old = args, controller, link, old
+        self.lock = asyncio.Lock()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.run())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def run(self) -> None:
+        async with self.lock:
+            with systemd.reloading(log, not self.args.no_systemd):
+                new = await asyncio.to_thread(load_config, self.args.config, "server")
+                old = self.old
+                if (new.port, new.port_udp, new.port_tcp) != (old.port, old.port_udp, old.port_tcp):
+                    log.warning(
+                        "the control port changed: that takes a restart; the rest applies now"
+                    )
+                self.controller.reload(ServerSettings.from_config(new))
+                self.link.checksum = new.checksum
+                log.info("reloaded %s (%d users, %d resources)", new.source, len(new.keys),
+                         len(new.resources))  # fmt: skip
 
 
 def summary(config: Config) -> str:

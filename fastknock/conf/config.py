@@ -56,6 +56,7 @@ from collections.abc import Iterator
 from types import MappingProxyType
 from typing import Literal
 
+from fastknock.conf.files import MAX_CONFIG_BYTES, read_config_file, too_large
 from fastknock.conf.lexer import (
     U32_MAX,
     Checker,
@@ -445,6 +446,9 @@ def parse_config(text: str | bytes, source: str = "<string>", role: Role = "serv
             raise ConfigError("text is not valid Unicode (lone surrogate)", source, line) from None
     else:
         data = bytes(text)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise too_large(data, source)
+    if not isinstance(text, str):
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -485,12 +489,7 @@ def parse_config(text: str | bytes, source: str = "<string>", role: Role = "serv
 
 
 def load_config(path: str | os.PathLike[str], role: Role) -> Config:
-    """Read and parse a config file; any OS error becomes a ``ConfigError``."""
+    """Read (``files.read_config_file``: a regular file, at most 1 MiB) and parse a config
+    file; any OS error becomes a ``ConfigError``."""
     source = os.fspath(path)
-    try:
-        with open(source, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ConfigError(f"cannot read config: {reason}", source) from None
-    return parse_config(data, source, role)
+    return parse_config(read_config_file(source), source, role)
