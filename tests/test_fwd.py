@@ -102,6 +102,23 @@ def test_refusals(request_: FwRequest, status: FwStatus) -> None:
     assert daemon().validate(request_) == status
 
 
+@pytest.mark.parametrize(
+    "addr",
+    ["224.0.0.1", "239.255.255.250", "255.255.255.255", "ff02::1", "ff05::1:3",
+     "::ffff:224.0.0.251"],
+)  # fmt: skip
+def test_multicast_and_broadcast_refused(addr: str) -> None:
+    """A lease for a group or broadcast address would open the port to every sender that
+    spoofs it: refused, in both families (also IPv4-mapped)."""
+    assert daemon().validate(req(1, addr)) == FwStatus.BAD_ADDRESS
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1", "::1", "192.0.2.1", "2001:db8::1", "10.0.0.255"])
+def test_unicast_and_loopback_still_allowed(addr: str) -> None:
+    """The control: unicast and loopback (the tests use it) get their changes."""
+    assert isinstance(daemon().validate(req(1, addr)), list)
+
+
 def test_changes_per_resource() -> None:
     d = daemon()
     changes = d.validate(req(2, "::ffff:192.0.2.9"))

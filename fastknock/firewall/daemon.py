@@ -6,11 +6,12 @@ Design
   admits root), else it gets NOT_PERMITTED. One request per connection, read with
   ``control-timeout``: short, slow or silent peers are dropped, malformed ones get
   MALFORMED; neither affects other connections.
-- ``Daemon.validate``, in order: config checksum, address (not all-zero/all-ones, family
-  supported by the nftables family; IPv4-mapped addresses arrive as IPv4, normalised by
-  ``ipc.decode_request``), then ``Config.admit`` (resource known, user known and allowed,
-  port not 0 and not the control port: the same rule fastknockd applied), then the chains
-  a jump resource needs.
+- ``Daemon.validate``, in order: config checksum, address (not all-zero/all-ones, not
+  multicast or the IPv4 broadcast address: a lease for one opens the port to any sender
+  that spoofs it; loopback is fine; family supported by the nftables family; IPv4-mapped
+  addresses arrive as IPv4, normalised by ``ipc.decode_request``), then ``Config.admit``
+  (resource known, user known and allowed, port not 0 and not the control port: the same
+  rule fastknockd applied), then the chains a jump resource needs.
 - Batching: validated requests join a queue. One worker coroutine takes *everything*
   queued, plans it (cap check, one change per lease key; the last change to a key wins)
   and applies it as one nftables transaction in a thread, so the event loop keeps
@@ -155,7 +156,7 @@ class Daemon:
         if not hmac.compare_digest(req.checksum, cfg.checksum):
             return FwStatus.BAD_CHECKSUM
         addr = req.addr  # ipc.decode_request normalised it
-        if addr in _BAD_ADDRS or not self.fw.supports(addr):
+        if addr in _BAD_ADDRS or addr.is_multicast or not self.fw.supports(addr):
             return FwStatus.BAD_ADDRESS
         res = cfg.admit(req.user, req.resource)
         if isinstance(res, Refusal):
