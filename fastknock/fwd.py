@@ -9,12 +9,18 @@ main imports only ``fastknock.ipc``, ``fastknock.conf``, ``fastknock.firewall``,
 ``fastknock.osutil`` and ``fastknock.errors``: little code runs as root, and
 ``tests/test_layering.py`` fails if its import closure ever holds the network-facing code.
 
-- Socket ``RUNDIR/fastknockfwd/fastknockfwd.sock``, 0660 root:<server group>, in a 0750
-  directory; PID file next to it (written last: "initialised and serving"). Or the socket
-  systemd passed (``fastknockfwd.socket``). Who may connect, the request checks, batching,
-  the cap and expiry: ``firewall.daemon``.
-- After set-up: only CAP_NET_ADMIN (uid 0 stays, to read the root-owned config on
-  reload), then the seccomp allow-list (``osutil.seccomp``), then READY=1.
+- Socket ``RUNDIR/fastknockfwd/fastknockfwd.sock``, 0660 <own account>:<server group>, in
+  a 0750 directory of the same owner; PID file next to it, locked with ``flock`` for the
+  process's life (a second instance is refused; the PID is written last: "initialised and
+  serving"). Root creates these without following links (``osutil.runfiles``). Or the
+  socket systemd passed (``fastknockfwd.socket``). Who may connect, the request checks,
+  batching, the cap and expiry: ``firewall.daemon``.
+- Keys: never needed; dropped from the config as it is loaded (``Config.without_keys``).
+- After set-up: our own account (``--user``, default ``fastknockfwd``) with CAP_NET_ADMIN
+  alone (``osutil.privs.become_with_net_admin``): no root file is ours, so a compromised
+  daemon cannot read /etc/shadow or rewrite a root file. The server account's group is a
+  supplementary group, to re-read the 0640 config on reload. Then the seccomp allow-list
+  (``osutil.seccomp``), then READY=1. ``--metrics-file`` is written as that account.
 - SIGHUP: the new config and its firewall set-up are validated, then swapped in; a bad
   one changes nothing (``osutil.systemd.reloading``).
 - SIGTERM/SIGINT: stop accepting, finish the batch in flight, remove socket and PID file,
@@ -30,22 +36,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures.thread  # noqa: F401 -- see below
+import contextlib
 import logging
 import os
 import pwd
 import resource as rlimit
 import signal
 import sys
+from dataclasses import dataclass
 
 from fastknock import __version__, ipc
 from fastknock.conf import config as configmod
 from fastknock.conf import permissions
 from fastknock.conf.config import Config
-from fastknock.errors import ConfigError, FirewallError
+from fastknock.errors import ConfigError, FastknockError, FirewallError
 from fastknock.firewall.daemon import Daemon, ServerAccount
 from fastknock.firewall.nft import Firewall, PortLease
 from fastknock.firewall.runner import LibNftables, make_runner
-from fastknock.osutil import metrics, privs, seccomp, systemd
+from fastknock.osutil import metrics, privs, runfiles, seccomp, systemd
+
+# concurrent.futures.thread is imported now, not lazily by asyncio.to_thread: after the drop
+# to our own account the Python installation may be unreadable (e.g. below a 0700 /root).
 
 log = logging.getLogger("fastknockfwd")
 
@@ -69,18 +81,41 @@ def _raise_nofile() -> None:
         rlimit.setrlimit(rlimit.RLIMIT_NOFILE, (hard, hard))
 
 
-def _running_instance(pidfile: str) -> int | None:
-    """The PID in ``pidfile`` if that process is alive and is a fastknockfwd."""
+@dataclass(frozen=True)
+class OwnAccount:
+    """The account fastknockfwd runs as once set up (CAP_NET_ADMIN kept); ``groups``: the
+    server account's group, to re-read the 0640 root:<server group> config on reload."""
+
+    uid: int
+    gid: int
+    groups: list[int]
+
+
+def _own_account(name: str, server: ServerAccount, test_mode: bool) -> OwnAccount | None:
+    """``--user``'s ids; None (uid 0 stays, CAP_NET_ADMIN only) in test mode without it."""
     try:
-        with open(pidfile) as f:
-            pid = int(f.read().strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except (OSError, ValueError):
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        if not test_mode:
+            raise ConfigError(
+                f"account {name!r} does not exist; create it with 'useradd --system "
+                f"--no-create-home --shell /usr/sbin/nologin {name}' (fastknock-install does "
+                "this), or choose another with --user",
+                "--user",
+            ) from None
+        log.warning("account %r does not exist; test mode: staying uid 0 (CAP_NET_ADMIN)", name)
         return None
-    if pid != os.getpid() and (b"fastknock.fwd" in cmdline or b"fastknockfwd" in cmdline):
-        return pid
-    return None
+    if pw.pw_uid == 0:
+        raise ConfigError(f"account {name!r} is root: fastknockfwd needs one of its own", "--user")
+    return OwnAccount(pw.pw_uid, pw.pw_gid, sorted({server.gid} - {0}))
+
+
+def _load(path: str) -> Config:
+    """The config with its keys dropped: fastknockfwd never needs a key."""
+    cfg = configmod.load_config(path, "server").without_keys()
+    if cfg.nftables is None:
+        raise ConfigError("missing [NFTABLES] section", cfg.source)
+    return cfg
 
 
 def list_leases(fw: Firewall, out: object = sys.stdout) -> int:
@@ -101,29 +136,33 @@ def list_leases(fw: Firewall, out: object = sys.stdout) -> int:
 
 
 async def _serve(
-    args: argparse.Namespace, cfg: Config, fw: Firewall, account: ServerAccount
+    args: argparse.Namespace,
+    cfg: Config,
+    fw: Firewall,
+    account: ServerAccount,
+    own: OwnAccount | None,
+    rundir: runfiles.RunDir,
+    lock: runfiles.PidLock,
 ) -> int:
     daemon = Daemon(cfg, fw, account)
-    await asyncio.to_thread(daemon.load)
-    daemon.prune_expired()
-    log.info("%d live lease(s) in the kernel (max-nr-rules %d)", daemon.live_count(),
-             cfg.nftables.max_nr_rules if cfg.nftables else 0)  # fmt: skip
-    rundir = os.path.join(args.rundir, ipc.SOCKET_DIR)
-    os.makedirs(rundir, mode=0o750, exist_ok=True)
-    os.chown(rundir, 0, account.gid)
-    os.chmod(rundir, 0o750)  # noqa: S103 -- group: the server account, like letmein
+    del cfg  # the daemon's copy is the one that reloads replace
     path = ipc.socket_path(args.rundir)
-    pidfile = ipc.pid_path(args.rundir)
     activated = [] if args.no_systemd else systemd.listen_fds()
     if activated:  # fastknockfwd.socket: systemd owns the path and its mode
-        server = await asyncio.start_unix_server(daemon.serve_conn, sock=activated[0])
+        server = await asyncio.start_unix_server(
+            daemon.serve_conn, sock=activated[0], start_serving=False
+        )
         path = ""
     else:
-        if os.path.exists(path):
-            os.unlink(path)  # stale socket of a killed instance
-        server = await asyncio.start_unix_server(daemon.serve_conn, path, backlog=4096)
-        os.chown(path, 0, account.gid)
-        os.chmod(path, 0o660)
+        rundir.remove(ipc.SOCKET_NAME)  # stale socket of a killed instance (a link: removed)
+        old_umask = os.umask(0o117)  # born 0660: no chmod of a path that could be swapped
+        try:
+            server = await asyncio.start_unix_server(
+                daemon.serve_conn, path, backlog=4096, start_serving=False
+            )
+        finally:
+            os.umask(old_umask)
+        os.chown(path, own.uid if own else 0, account.gid, follow_symlinks=False)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -147,17 +186,24 @@ async def _serve(
             args.metrics_file, daemon.metric_families, args.metrics_interval
         )
         writer.start()
-    # Initialised: from here on only CAP_NET_ADMIN (uid 0 stays, to read the root-owned
-    # config on reload), and the seccomp allow-list.
-    if privs.keep_only_net_admin():
-        log.info("capabilities reduced to CAP_NET_ADMIN")
+    # Initialised: from here on our own account with CAP_NET_ADMIN alone (no root file is
+    # ours any more), and the seccomp allow-list.
+    if own is not None and privs.become_with_net_admin(own.uid, own.gid, own.groups):
+        log.info("running as uid %d gid %d with CAP_NET_ADMIN only", own.uid, own.gid)
+    elif privs.keep_only_net_admin():
+        log.info("capabilities reduced to CAP_NET_ADMIN (uid 0: test mode)")
+    # Threads only from here on: capabilities are per thread (see osutil.privs).
+    await asyncio.to_thread(daemon.load)
+    daemon.prune_expired()
+    log.info("%d live lease(s) in the kernel (max-nr-rules %d)", daemon.live_count(),
+             daemon.cfg.nftables.max_nr_rules if daemon.cfg.nftables else 0)  # fmt: skip
+    await server.start_serving()  # requests only once the live leases are known
     seccomp.install(args.seccomp_mode, "fwd")
     if not args.no_systemd:
         systemd.notify("READY=1")
-    log.info("listening on %s (runner %s, pid %d)", path or "systemd socket", fw.runner.name,
-             os.getpid())  # fmt: skip
-    with open(pidfile, "w") as f:  # last: the PID file also says "initialised and serving"
-        f.write(f"{os.getpid()}\n")
+    log.info("listening on %s (runner %s, pid %d)", path or "systemd socket",
+             daemon.fw.runner.name, os.getpid())  # fmt: skip
+    lock.publish(os.getpid())  # last: the PID file also says "initialised and serving"
     try:
         await stop.wait()
     finally:
@@ -168,13 +214,11 @@ async def _serve(
         await daemon.drain()
         if writer is not None:
             await writer.stop()
-        for p in (path, pidfile):
-            if not p:
-                continue
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
+        if path:
+            with contextlib.suppress(OSError):
+                rundir.remove(ipc.SOCKET_NAME)
+        lock.release()
+        rundir.close()
         daemon.log_stats()
     return 0
 
@@ -183,9 +227,8 @@ async def _reload(args: argparse.Namespace, daemon: Daemon) -> None:
     """SIGHUP: validate the new config and set up its firewall, then swap; else keep the old."""
     with systemd.reloading(log, not args.no_systemd):
         # Read and parsed in a thread: a slow file never stalls the requests being served.
-        cfg = await asyncio.to_thread(configmod.load_config, args.config, "server")
-        if cfg.nftables is None:
-            raise ConfigError("missing [NFTABLES] section", cfg.source)
+        cfg = await asyncio.to_thread(_load, args.config)
+        assert cfg.nftables is not None
         fw = Firewall(cfg.nftables, daemon.fw.runner, cfg.port, cfg.port_tcp, cfg.port_udp)
         await asyncio.to_thread(fw.setup)
         for warning in permissions.permission_warnings(args.config, cfg, "server"):
@@ -222,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="USER",
         help="the account fastknockd runs as: only its uid and gid may use the socket, which "
         f"belongs to its group (default: {privs.DEFAULT_USER})",
+    )
+    ap.add_argument(
+        "--user",
+        default="fastknockfwd",
+        metavar="USER",
+        help="the account fastknockfwd becomes once set up, keeping CAP_NET_ADMIN alone, so "
+        "it owns no root file (default: fastknockfwd; fastknock-install creates it; with "
+        "--test-mode a missing account keeps uid 0)",
     )
     ap.add_argument(
         "--seccomp",
@@ -276,16 +327,16 @@ def main(argv: list[str] | None = None) -> int:
         log.error("must run as root (nftables, and --list shows every client address)")
         return 1
     try:
-        cfg = configmod.load_config(args.config, "server")
-        if cfg.nftables is None:
-            raise ConfigError("missing [NFTABLES] section", cfg.source)
+        cfg = _load(args.config)
         account = None if args.list else _server_account(args.server_user, args.test_mode)
+        own = None if account is None else _own_account(args.user, account, args.test_mode)
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)
         return 2
     for warning in permissions.permission_warnings(args.config, cfg, "server"):
         log.warning("%s", warning)
     args.seccomp_mode = args.seccomp or cfg.seccomp.value
+    assert cfg.nftables is not None
     try:
         runner = make_runner(cfg.nftables.exe, prefer_lib=not args.nft_exe)
         if args.seccomp_mode == "kill" and not isinstance(runner, LibNftables):
@@ -294,19 +345,29 @@ def main(argv: list[str] | None = None) -> int:
         fw = Firewall(cfg.nftables, runner, cfg.port, cfg.port_tcp, cfg.port_udp)
         if args.list:
             return list_leases(fw)
-        other = _running_instance(ipc.pid_path(args.rundir))
-        if other is not None:
-            log.error(
-                "fastknockfwd is already running with pid %d (--rundir %s)", other, args.rundir
-            )
+        assert account is not None
+        # Run directory: ours (so we can clean up after the drop), group: the server account
+        # (0750, like letmein). The lock on the PID file keeps a second instance out.
+        rundir = runfiles.RunDir(
+            os.path.join(args.rundir, ipc.SOCKET_DIR), 0o750, own.uid if own else 0, account.gid
+        )
+        try:
+            lock = runfiles.PidLock(rundir, ipc.PID_NAME, own.uid if own else 0, 0)
+        except runfiles.AlreadyRunning as exc:
+            rundir.close()
+            log.error("fastknockfwd is %s (--rundir %s)", exc, args.rundir)
             return 1
-        fw.setup()
-    except FirewallError as exc:
+        try:
+            fw.setup()
+        except BaseException:
+            lock.release()
+            rundir.close()
+            raise
+    except (FirewallError, FastknockError, OSError) as exc:
         log.error("%s", exc)
         return 1
-    assert account is not None
     _raise_nofile()
-    return asyncio.run(_serve(args, cfg, fw, account))
+    return asyncio.run(_serve(args, cfg, fw, account, own, rundir, lock))
 
 
 if __name__ == "__main__":

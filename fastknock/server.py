@@ -45,7 +45,7 @@ from fastknock.knockd.control import Controller, TcpProtocol, UdpProtocol
 from fastknock.knockd.endpoint import Endpoint
 from fastknock.knockd.limits import Budgets
 from fastknock.message import Operation
-from fastknock.osutil import metrics, privs, seccomp, systemd
+from fastknock.osutil import metrics, privs, runfiles, seccomp, systemd
 from fastknock.protocol import FirewallRequest, ServerSettings
 
 # Imported at start-up, not when the loop starts: by then root is dropped and the Python
@@ -252,8 +252,16 @@ def _bind_control(config: Config, reuseport: bool = False) -> Sockets:
     return udp, tcp
 
 
-async def serve(config: Config, args: argparse.Namespace, socks: Sockets, worker: int = 0) -> None:
-    """Serve on the bound (or systemd-passed) ``socks`` until SIGTERM/SIGINT."""
+async def serve(
+    config: Config,
+    args: argparse.Namespace,
+    socks: Sockets,
+    worker: int = 0,
+    settings: ServerSettings | None = None,
+) -> None:
+    """Serve on the bound (or systemd-passed) ``socks`` until SIGTERM/SIGINT. ``settings``:
+    built from ``config`` unless given; either way ``config``'s keys are dropped here (the
+    key ring holds what the checks need)."""
     loop = asyncio.get_running_loop()
     budgets = Budgets.default(
         args.num_connections,
@@ -262,7 +270,11 @@ async def serve(config: Config, args: argparse.Namespace, socks: Sockets, worker
         args.tcp_preauth_per_source,
         args.tcp_preauth_timeout,
     )
-    endpoint = Endpoint(ServerSettings.from_config(config), budgets, os.urandom, time.monotonic())
+    if settings is None:
+        settings = ServerSettings.from_config(config)
+    config = config.without_keys()
+    endpoint = Endpoint(settings, budgets, os.urandom, time.monotonic())
+    del settings
     link = FwdLink(ipc.socket_path(args.rundir), config.checksum)
     controller = Controller(endpoint, link)
     stop = asyncio.Event()
@@ -274,6 +286,8 @@ async def serve(config: Config, args: argparse.Namespace, socks: Sockets, worker
     udp_sock, tcp_sock = socks
     reloads = _Reloads(args, controller, link, config)
     loop.add_signal_handler(signal.SIGHUP, reloads.start)
+    if _StartupHup.take():  # one arrived while we started: the file may have changed since
+        reloads.start()
     if udp_sock is not None:
         udp = await recv.open_udp(controller, udp_sock, args.udp_path)
     if tcp_sock is not None:
@@ -398,13 +412,16 @@ def _activated_sockets() -> Sockets | None:
     return udp, tcp
 
 
-def _write_pid(rundir: str) -> str:
-    directory = os.path.join(rundir, "fastknockd")
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    path = os.path.join(directory, "fastknockd.pid")
-    with open(path, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    return path
+def _write_pid(rundir: str, account: tuple[int, int] | None) -> str:
+    """``RUNDIR/fastknockd/fastknockd.pid``; the directory (and file) belong to ``account``
+    so it can remove the file at exit, hence root never follows a link in there
+    (``osutil.runfiles``: opened O_NOFOLLOW, created O_EXCL, chowned by fd)."""
+    uid, gid = account if account is not None else (-1, -1)
+    directory = runfiles.RunDir(os.path.join(rundir, "fastknockd"), 0o755, uid, gid)
+    try:
+        return directory.write_new("fastknockd.pid", f"{os.getpid()}\n", 0o644, uid, gid)
+    finally:
+        directory.close()
 
 
 def _run(coro: object) -> None:
@@ -415,7 +432,9 @@ def _run(coro: object) -> None:
     uvloop.run(coro)  # type: ignore[arg-type]
 
 
-def _run_workers(config: Config, args: argparse.Namespace, groups: list[Sockets]) -> int:
+def _run_workers(
+    config: Config, args: argparse.Namespace, groups: list[Sockets], settings: ServerSettings
+) -> int:
 
     def child(index: int) -> int:
         for i, group in enumerate(groups):
@@ -423,11 +442,11 @@ def _run_workers(config: Config, args: argparse.Namespace, groups: list[Sockets]
                 for sock in group:
                     if sock is not None:
                         sock.close()
-        _run(serve(config, args, groups[index], index))
+        _run(serve(config, args, groups[index], index, settings))
         return 0
 
     try:
-        return workers.supervise(args.workers, child)
+        return workers.supervise(args.workers, child, _StartupHup.take)
     finally:
         for group in groups:
             for sock in group:
@@ -435,7 +454,28 @@ def _run_workers(config: Config, args: argparse.Namespace, groups: list[Sockets]
                     sock.close()
 
 
+class _StartupHup:
+    """SIGHUP before the event loop serves (loading, binding, forking workers): remembered,
+    and a reload runs once serving; never the default action, which kills the process."""
+
+    pending = False
+
+    @classmethod
+    def install(cls) -> None:
+        signal.signal(signal.SIGHUP, cls._handler)
+
+    @classmethod
+    def _handler(cls, _signum: int, _frame: object) -> None:
+        cls.pending = True
+
+    @classmethod
+    def take(cls) -> bool:
+        pending, cls.pending = cls.pending, False
+        return pending
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _StartupHup.install()  # first: a SIGHUP during start-up must not kill us
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -478,20 +518,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             reuse = args.workers > 1
             groups = [_bind_control(config, reuseport=reuse) for _ in range(args.workers)]
-        pid_file = _write_pid(args.rundir)
+        pid_file = _write_pid(args.rundir, account)
         if account is not None:
-            os.chown(os.path.dirname(pid_file), *account)  # so it can remove it at exit
-            os.chown(pid_file, *account)
             privs.drop_to(args.user, args.group)
             log.info("dropped privileges to %s (uid %d, gid %d)", args.user, *account)
     except (FastknockError, OSError) as exc:
         print(f"fastknockd: {exc}", file=sys.stderr)
         return 1
+    settings = ServerSettings.from_config(config)  # the key ring: from here on, no raw keys
+    config = config.without_keys()
     try:
         if args.workers == 1:
-            _run(serve(config, args, groups[0]))
+            _run(serve(config, args, groups[0], 0, settings))
         else:
-            return _run_workers(config, args, groups)
+            return _run_workers(config, args, groups, settings)
     except OSError as exc:
         print(f"fastknockd: {exc}", file=sys.stderr)
         return 1

@@ -329,6 +329,10 @@ KEY2 = bytes.fromhex("1F2E3D4C5B6A79880F1E2D3C4B5A69788796A5B4C3D2E1F00112233445
 CONTROL_PORT = 5800
 # fastknockd started as root drops to this account (it exists on every Debian system).
 SERVER_USER = "nobody"
+# fastknockfwd's own account in the tests (a real install creates "fastknockfwd"): the stock
+# "nobody" with --test-mode, which also admits root peers. Its group is SERVER_USER's, so it
+# re-reads the 0640 root:<that group> config on reload like an installed fastknockfwd.
+FWD_USER = "nobody"
 
 
 @dataclass(frozen=True)
@@ -583,6 +587,8 @@ class Stack:
                 "--test-mode",
                 "--server-user",
                 SERVER_USER,
+                "--user",
+                FWD_USER,
                 "--no-systemd",
                 "-v",
                 *self.fwd_args,

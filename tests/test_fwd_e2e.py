@@ -33,6 +33,7 @@ from fastknock.conf.config import config_checksum
 from fastknock.ipc import FwOp, FwStatus
 from fastknock.knockd import fwdlink
 from tests import fwd_client, netns
+from tests.e2e_support import FWD_USER
 
 pytestmark = pytest.mark.e2e
 
@@ -101,7 +102,7 @@ class Fwd:
 
     def start(self, *extra: str, test_mode: bool = True) -> Fwd:
         argv = [sys.executable, "-m", "fastknock.fwd", "-c", self.conf_path, "--rundir"]
-        argv += [self.rundir, "--no-systemd", "-v", *extra]
+        argv += [self.rundir, "--no-systemd", "-v", "--user", FWD_USER, *extra]
         if test_mode:
             argv.append("--test-mode")
         with open(self.log_path, "a") as log:
@@ -464,7 +465,8 @@ def test_server_account_checked_without_test_mode(env: Env) -> None:
     st_dir, st_sock = os.stat(sock_dir), os.stat(fwd.path)
     assert (st_dir.st_mode & 0o777, st_sock.st_mode & 0o777) == (0o750, 0o660)
     nobody = pwd.getpwnam("nobody")
-    assert st_dir.st_gid == st_sock.st_gid == nobody.pw_gid and st_sock.st_uid == 0
+    assert st_dir.st_gid == st_sock.st_gid == nobody.pw_gid
+    assert st_dir.st_uid == st_sock.st_uid == pwd.getpwnam(FWD_USER).pw_uid  # its own account
     req = ipc.FwRequest(FwOp.INSTALL, USER, 0x42, ipaddress.ip_address(me), fwd.checksum)
     reply = _as_user(nobody.pw_uid, nobody.pw_gid, fwd.path, ipc.encode_request(req))
     assert ipc.decode_reply(reply) == FwStatus.ACK

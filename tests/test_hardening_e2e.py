@@ -21,6 +21,7 @@ import pytest
 from fastknock.osutil import privs
 from tests import netns
 from tests.e2e_support import (
+    FWD_USER,
     REPO,
     SERVER_USER,
     Daemon,
@@ -65,7 +66,8 @@ def killstack() -> Iterator[Stack]:
 
 def test_privileges_after_start_up(killstack: Stack) -> None:
     """fastknockd: the unprivileged account, no groups, no capabilities, no_new_privs, a
-    seccomp filter. fastknockfwd: still uid 0, but CAP_NET_ADMIN only, and filtered."""
+    seccomp filter. fastknockfwd: its own account (FWD_USER), CAP_NET_ADMIN only (also
+    ambient, for the nft executable), and filtered (more in test_runfiles_e2e.py)."""
     assert killstack.server is not None and killstack.fwd is not None
     uid, gid = privs.lookup(SERVER_USER)
     st = status(killstack.server.pid)
@@ -76,8 +78,9 @@ def test_privileges_after_start_up(killstack: Stack) -> None:
         assert int(st[cap], 16) == 0, cap
     assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
     fst = status(killstack.fwd.pid)
-    assert fst["Uid"].split()[1] == "0"
-    assert int(fst["CapEff"], 16) == int(fst["CapBnd"], 16) == 1 << privs.CAP_NET_ADMIN
+    assert fst["Uid"].split() == [str(privs.lookup(FWD_USER)[0])] * 4
+    for cap in ("CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(fst[cap], 16) == 1 << privs.CAP_NET_ADMIN, cap
     assert fst["NoNewPrivs"] == "1" and fst["Seccomp"] == "2"
 
 

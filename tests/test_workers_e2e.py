@@ -10,12 +10,15 @@ stops the workers too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
 import shutil
 import signal
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -180,3 +183,93 @@ def test_workers_under_seccomp_kill() -> None:
         assert "Traceback" not in s.server_log()
     finally:
         s.close()
+
+
+def _catches_sighup(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(line for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def _bound(pid: int) -> bool:
+    """Whether ``pid`` holds sockets (fastknockd binds before forking its workers)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    links = []
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return sum(link.startswith("socket:") for link in links) >= 2
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def test_sighup_while_workers_start_kills_nothing() -> None:
+    """SIGHUP, again and again, to every process of the group from the moment it can catch
+    one until both workers serve: no process dies (the default action of a SIGHUP that
+    arrives before the handler), and the group then serves knocks. The parent is signalled
+    once SigCgt shows its handler (a SIGHUP before the interpreter even runs main() kills
+    any program); a worker (a fork of a running main(), after the parent bound its
+    sockets) from its first moment: each is stopped as soon as it appears, sent SIGHUP while
+    stopped, and continued, so the signal always lands before the worker's loop is up.
+    """
+    netns.require()
+    stack = Stack("hup", [RES], server_args=["--workers", "2"], start_server=False)
+    done = threading.Event()
+    sent = [0]
+
+    def hup(pid: int) -> None:  # only our own daemon's processes, by PID
+        try:
+            os.kill(pid, signal.SIGHUP)
+            sent[0] += 1
+        except ProcessLookupError:
+            pass
+
+    def blast() -> None:
+        while stack.server is None and not done.is_set():
+            time.sleep(0.0002)
+        seen: set[int] = set()
+        while not done.is_set() and stack.server is not None:
+            parent = stack.server.pid
+            if _catches_sighup(parent):
+                hup(parent)
+            # Workers only: before binding, children are import-time helpers (ldconfig).
+            for child in _children(parent) if _bound(parent) else ():
+                if child not in seen:
+                    seen.add(child)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGSTOP)
+                        hup(child)
+                        os.kill(child, signal.SIGCONT)
+                hup(child)
+            time.sleep(0.0002)
+
+    blaster = threading.Thread(target=blast)
+    blaster.start()
+    try:
+        try:
+            server = stack.start_server()
+            wait_for("both workers", lambda: server.text().count("listening on port") >= 2)
+        finally:
+            done.set()
+            blaster.join()
+        assert sent[0] > 0
+        assert server.alive(), server.text()
+        pids = _children(server.pid)
+        assert len(pids) == 2, server.text()
+        assert sum(_knock(stack, stack.addrs(False)[1]) for _ in range(3)) == 3
+        assert "exited with status" not in server.text()
+        assert "Traceback" not in server.text()
+    finally:
+        stack.close()

@@ -12,9 +12,11 @@ Design
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 __all__ = [
     "DEFAULT_CONTROL_PORT",
@@ -109,6 +111,12 @@ class Config:
     default_user: int | None = None
     keys: Mapping[int, bytes] = field(default_factory=dict, repr=False)
     resources: Mapping[int, Resource] = field(default_factory=dict)
+
+    def without_keys(self) -> Config:
+        """This config without the key bytes (the user ids stay, for ``admit``), for code
+        that never needs a key: fastknockfwd, and fastknockd once its key ring is built.
+        (Python cannot wipe the old bytes; the point is that nothing refers to them.)"""
+        return dataclasses.replace(self, keys=MappingProxyType(dict.fromkeys(self.keys, b"")))
 
     def allowed(self, user: int, resource: Resource) -> bool:
         return user_allowed(user, resource)

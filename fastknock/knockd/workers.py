@@ -15,6 +15,11 @@ Design
   (a service manager restarts the whole group). SIGHUP is passed on too (every worker
   reloads its config). Signals are blocked across the forks, so none can arrive between a
   fork and the handlers being in place.
+* SIGHUP must never kill a process of the group while it starts: the caller installs its
+  SIGHUP handler *before* ``supervise`` (fastknockd's records "reload when serving"); each
+  worker keeps that inherited handler until its event loop takes over (only SIGTERM/SIGINT
+  are reset to the default there), and a SIGHUP the parent took before its forwarding
+  handler was in place (``hup_pending``) is forwarded once the workers exist.
 """
 
 from __future__ import annotations
@@ -37,9 +42,13 @@ def _status(wait_status: int) -> int:
     return os.WEXITSTATUS(wait_status)
 
 
-def supervise(n: int, child: Callable[[int], int]) -> int:
+def supervise(
+    n: int, child: Callable[[int], int], hup_pending: Callable[[], bool] = lambda: False
+) -> int:
     """Fork ``n`` workers running ``child(index)`` (its return value is the worker's exit
-    status) and wait for all of them. Returns the first non-zero status, else 0."""
+    status) and wait for all of them. Returns the first non-zero status, else 0.
+    ``hup_pending()``: whether a SIGHUP arrived before the forwarding handler (it is then
+    passed on to the workers)."""
     if n < 1:
         raise ValueError("at least one worker")
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS + _FORWARD)
@@ -52,7 +61,7 @@ def supervise(n: int, child: Callable[[int], int]) -> int:
             if pid == 0:  # the worker
                 rc = 1
                 try:
-                    for sig in _SIGNALS + _FORWARD:
+                    for sig in _SIGNALS:  # SIGHUP keeps the caller's start-up handler
                         signal.signal(sig, signal.SIG_DFL)
                     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                     rc = child(index)
@@ -89,6 +98,8 @@ def supervise(n: int, child: Callable[[int], int]) -> int:
     previous = {sig: signal.signal(sig, stop) for sig in _SIGNALS}
     previous.update({sig: signal.signal(sig, forward) for sig in _FORWARD})
     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    if hup_pending():
+        forward(signal.SIGHUP, None)
     log.info("%d workers started: pids %s", n, " ".join(map(str, pids)))
     result = 0
     try:
