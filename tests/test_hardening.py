@@ -73,8 +73,23 @@ def test_client_config_with_keys_writable_warns(tmp_path: Path) -> None:
     cfg = load_config(conf, "client")
     conf.chmod(0o620)
     assert any("writable by group or others" in w for w in permission_warnings(conf, cfg, "client"))
+    conf.chmod(0o640)
+    assert permission_warnings(conf, cfg, "client") == []  # group-readable is the admin's call
+
+
+def test_client_config_with_keys_readable_by_others_warns(tmp_path: Path) -> None:
+    """Anyone who can read the client config can knock as its user: world-readable is a
+    warning when it holds keys; a config without keys may be readable (the control)."""
+    conf = tmp_path / "fastknock.conf"
+    conf.write_text(f"[KEYS]\n00000001 = {KEY_HEX}\n")
+    cfg = load_config(conf, "client")
     conf.chmod(0o644)
-    assert permission_warnings(conf, cfg, "client") == []  # readable is fine, writable is not
+    warnings = permission_warnings(conf, cfg, "client")
+    assert any("readable by others" in w and "chmod o-rwx" in w for w in warnings), warnings
+    bare = tmp_path / "nokeys.conf"
+    bare.write_text("[GENERAL]\nport = 5800\n")
+    bare.chmod(0o644)
+    assert permission_warnings(bare, load_config(bare, "client"), "client") == []
 
 
 def test_daemon_logs_the_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -4,7 +4,8 @@
   what root opens in the firewall: it should be owned by root and not readable (or
   writable) by others.
 - A client config that holds keys should not be writable by group or others (anyone who can
-  write it can swap the server's address or key).
+  write it can swap the server's address or key), nor readable by others (anyone who reads
+  it can knock as its user).
 
 These are warnings, not errors: the daemons log them and go on, ``--check-config`` prints
 them.
@@ -37,9 +38,15 @@ def permission_warnings(path: str | os.PathLike[str], config: Config, role: Role
             )
         elif mode & stat.S_IWGRP:
             out.append(f"{where}: server config is writable by its group (mode {mode:04o})")
-    elif config.keys and mode & (stat.S_IWGRP | stat.S_IWOTH):
-        out.append(
-            f"{where}: client config with keys is writable by group or others "
-            f"(mode {mode:04o}): chmod go-w {where}"
-        )
+    elif config.keys:
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            out.append(
+                f"{where}: client config with keys is writable by group or others "
+                f"(mode {mode:04o}): chmod go-w {where}"
+            )
+        if mode & stat.S_IROTH:
+            out.append(
+                f"{where}: client config with keys is readable by others (mode {mode:04o}); "
+                f"anyone who reads it can knock as its user: chmod o-rwx {where}"
+            )
     return out
