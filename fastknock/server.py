@@ -30,7 +30,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -40,7 +39,7 @@ from fastknock.conf import permissions
 from fastknock.conf.config import DEFAULT_SERVER_CONFIG, Config, load_config
 from fastknock.errors import ConfigError, FastknockError
 from fastknock.knockd import counters as knockd_counters
-from fastknock.knockd import fwdlink, recv, workers
+from fastknock.knockd import fwdlink, recv, sockets, workers
 from fastknock.knockd.control import Controller, TcpProtocol, UdpProtocol
 from fastknock.knockd.endpoint import Endpoint
 from fastknock.knockd.limits import Budgets
@@ -181,36 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Receive buffer of the UDP control socket: room for a few thousand datagrams, so a burst or
-# a scheduling hiccup under a flood does not drop a legitimate KNOCK in the kernel. The
-# kernel caps it at net.core.rmem_max.
-UDP_RCVBUF = 4 << 20
-
-
-def _bind(port: int, kind: socket.SocketKind, reuseport: bool = False) -> socket.socket:
-    """A dual-stack socket on ``port`` (IPv4-only if the kernel lacks IPv6)."""
-    try:
-        sock = socket.socket(socket.AF_INET6, kind)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        addr: tuple = ("::", port)
-    except OSError:
-        sock = socket.socket(socket.AF_INET, kind)
-        addr = ("0.0.0.0", port)
-    try:
-        if kind == socket.SOCK_STREAM:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuseport:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if kind == socket.SOCK_DGRAM:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
-        sock.bind(addr)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class FwdLink:
     """The firewall callable for ``Controller``: one fastknockfwd request per lease change."""
 
@@ -238,24 +207,10 @@ class FwdLink:
         return True
 
 
-Sockets = tuple[socket.socket | None, socket.socket | None]  # (UDP, TCP)
-
-
-def _bind_control(config: Config, reuseport: bool = False) -> Sockets:
-    udp = _bind(config.port, socket.SOCK_DGRAM, reuseport) if config.port_udp else None
-    try:
-        tcp = _bind(config.port, socket.SOCK_STREAM, reuseport) if config.port_tcp else None
-    except OSError:
-        if udp is not None:
-            udp.close()
-        raise
-    return udp, tcp
-
-
 async def serve(
     config: Config,
     args: argparse.Namespace,
-    socks: Sockets,
+    socks: sockets.Sockets,
     worker: int = 0,
     settings: ServerSettings | None = None,
 ) -> None:
@@ -395,23 +350,6 @@ def summary(config: Config) -> str:
     return "\n".join(lines)
 
 
-def _activated_sockets() -> Sockets | None:
-    """The control sockets passed by systemd (fastknockd.socket), or None."""
-    socks = systemd.listen_fds()
-    if not socks:
-        return None
-    udp = tcp = None
-    for sock in socks:
-        sock.setblocking(False)
-        if sock.type == socket.SOCK_DGRAM and udp is None:
-            udp = sock
-        elif sock.type == socket.SOCK_STREAM and tcp is None:
-            tcp = sock
-        else:
-            sock.close()
-    return udp, tcp
-
-
 def _write_pid(rundir: str, account: tuple[int, int] | None) -> str:
     """``RUNDIR/fastknockd/fastknockd.pid``; the directory (and file) belong to ``account``
     so it can remove the file at exit, hence root never follows a link in there
@@ -433,7 +371,10 @@ def _run(coro: object) -> None:
 
 
 def _run_workers(
-    config: Config, args: argparse.Namespace, groups: list[Sockets], settings: ServerSettings
+    config: Config,
+    args: argparse.Namespace,
+    groups: list[sockets.Sockets],
+    settings: ServerSettings,
 ) -> int:
 
     def child(index: int) -> int:
@@ -510,14 +451,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         account = privs.lookup(args.user, args.group) if os.geteuid() == 0 else None
-        activated = None if args.no_systemd else _activated_sockets()
+        activated = None if args.no_systemd else sockets.activated(config)
         if activated is not None and args.workers > 1:
             raise FastknockError("--workers needs sockets of its own: not with socket activation")
         if activated is not None:
             groups = [activated]
         else:
             reuse = args.workers > 1
-            groups = [_bind_control(config, reuseport=reuse) for _ in range(args.workers)]
+            groups = [sockets.bind_control(config, reuseport=reuse) for _ in range(args.workers)]
         pid_file = _write_pid(args.rundir, account)
         if account is not None:
             privs.drop_to(args.user, args.group)

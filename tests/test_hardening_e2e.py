@@ -202,3 +202,83 @@ def test_socket_activation(bare: Stack, transport: str) -> None:
     finally:
         daemon.stop()
         notify.close()
+
+
+# A minimal socket-activation launcher (what systemd does): bind the listed sockets, put
+# them at fd 3.., set LISTEN_FDS/LISTEN_PID and exec fastknockd in the same process. Unlike
+# systemd-socket-activate it can pass TCP and UDP at once, as fastknockd.socket does.
+LAUNCHER = r"""
+import fcntl, os, socket, sys
+kinds, port, argv = sys.argv[1].split(","), int(sys.argv[2]), sys.argv[3:]
+high = []
+for kind in kinds:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port))
+    if kind == "tcp":
+        s.listen(16)
+    fd = s.detach()
+    high.append(fcntl.fcntl(fd, fcntl.F_DUPFD, 100))
+    os.close(fd)
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)
+    os.close(fd)
+os.environ.update(LISTEN_FDS=str(len(high)), LISTEN_PID=str(os.getpid()))
+os.execv(sys.executable, [sys.executable, "-m", "fastknock.server", *argv])
+"""
+
+
+def _activate(stack: Stack, kinds: str, port_spec: str, tag: str) -> Daemon:
+    stack.server_conf.write_text(server_config([R_TCP], "basic-auth", 2.0, port_spec=port_spec))
+    _reload(stack, stack.fwd, "reloaded", stack.fwd.text().count("reloaded"))  # type: ignore[union-attr]
+    argv = [sys.executable, "-c", LAUNCHER, kinds, "5800", "-c", str(stack.server_conf),
+            "--rundir", str(stack.rundir), "--user", SERVER_USER, "-v"]  # fmt: skip
+    log_path = stack.work / f"launch-{tag}.log"
+    log = open(log_path, "wb")  # noqa: SIM115 -- closed by Daemon.stop
+    proc = netns.popen(stack.pair.server, argv, stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                       cwd=str(REPO))  # fmt: skip
+    return Daemon(f"launch-{tag}", proc, log_path, log)
+
+
+@pytest.fixture
+def launchable() -> Iterator[Stack]:
+    netns.require()
+    stack = Stack("act", [R_TCP], "basic-auth", 1.0, start_server=False)
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+def test_activation_serves_only_the_configured_transport(launchable: Stack) -> None:
+    """The config says ``5800 / udp``; the activator passes TCP *and* UDP on 5800 (as the
+    old fastknockd.socket did): the TCP socket is closed with a warning (a TCP connect on
+    loopback is refused: no CHALLENGE for a UDP-only server), UDP serves (the control)."""
+    stack = launchable
+    daemon = _activate(stack, "tcp,udp", "5800 / udp", "stealth")
+    try:
+        wait_for("fastknockd", lambda: "listening on port 5800/udp" in daemon.text())
+        ns = stack.pair.server
+        assert not netns.tcp_connects(ns, "127.0.0.1", "127.0.0.1", 5800)
+        assert "tcp socket on port 5800 that the config does not list" in daemon.text()
+        server, me, _ = stack.addrs(False)
+        client_conf = stack.work / "client-udp.conf"
+        client_conf.write_text(client_config([R_TCP], timeout=5.0))
+        k = stack.knock("knock", server, str(R_TCP.probe), "-4", "-U", config=client_conf)
+        assert k.code == 0, f"{k.err}\n{daemon.text()}"
+        assert stack.connects(me, server, R_TCP.probe)
+    finally:
+        daemon.stop()
+
+
+def test_activation_without_a_configured_transport_refuses_to_start(launchable: Stack) -> None:
+    """The config says ``5800 / udp, tcp``; the activator passes UDP only: fastknockd exits
+    with a clear error instead of serving half of what the config lists."""
+    daemon = _activate(launchable, "udp", "5800 / udp, tcp", "missing")
+    try:
+        rc = daemon.proc.wait(timeout=60)  # a hang guard, not a measurement
+        assert rc == 1, daemon.text()
+        assert "the config lists 5800/tcp but systemd passed no such socket" in daemon.text()
+        assert "Traceback" not in daemon.text()
+    finally:
+        daemon.stop()
