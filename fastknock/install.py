@@ -6,7 +6,8 @@
 
 What it does, in order, each step idempotent (existing configs are never overwritten):
 
-1. the ``fastknock`` system account (no home, no shell) that fastknockd drops to;
+1. the ``fastknock`` system account (no home, no shell) that fastknockd drops to, and the
+   ``fastknockfwd`` account that fastknockfwd becomes after set-up (keeping CAP_NET_ADMIN);
 2. ``/etc/fastknock`` (0750 root:fastknock) with ``fastknockd.conf`` (0640 root:fastknock: the
    server reads it after dropping root) and ``fastknock.conf`` (0600), both with a fresh key;
 3. ``/etc/fastknock/nftables.conf.example``: letmein's example ruleset (policy drop plus the
@@ -14,7 +15,8 @@ What it does, in order, each step idempotent (existing configs are never overwri
 4. the four systemd units into ``/etc/systemd/system`` with ``ExecStart`` pointing at the
    installed programs (default: the scripts directory of the Python installation this
    program runs from, e.g. the venv ``/opt/fastknock/bin``), then ``systemctl daemon-reload``
-   when systemd runs;
+   when systemd runs; ``fastknockd.socket`` listens on the port and transports of
+   ``[GENERAL] port`` in ``fastknockd.conf`` (the existing one, if kept);
 5. the man pages into ``/usr/local/share/man`` (``--mandir``).
 
 ``ProtectHome=yes`` hides /home, /root and /run/user from the daemons. When the installation
@@ -41,8 +43,11 @@ from importlib import resources
 from pathlib import Path
 
 from fastknock import __version__
+from fastknock.conf.config import Config, load_config
+from fastknock.errors import ConfigError
 
 ACCOUNT = "fastknock"
+FWD_ACCOUNT = "fastknockfwd"
 UNITS = ("fastknockd.service", "fastknockd.socket", "fastknockfwd.service", "fastknockfwd.socket")
 HOMES = (Path("/home"), Path("/root"), Path("/run/user"))  # what ProtectHome=yes hides
 MANDIR = "/usr/local/share/man"
@@ -140,18 +145,19 @@ def _write_new(path: Path, text: str, mode: int, gid: int = 0) -> None:
 
 
 def _account(real: bool) -> int:
-    """The fastknock group id (created with the account if needed); 0 under --root."""
+    """The fastknock group id (the accounts are created if needed); 0 under --root."""
     if not real:
         return 0
-    try:
-        pwd.getpwnam(ACCOUNT)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--user-group",
-             "--shell", "/usr/sbin/nologin", ACCOUNT],
-            check=True,
-        )  # fmt: skip
-        _say(f"created the system account {ACCOUNT}")
+    for name in (ACCOUNT, FWD_ACCOUNT):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--user-group",
+                 "--shell", "/usr/sbin/nologin", name],
+                check=True,
+            )  # fmt: skip
+            _say(f"created the system account {name}")
     return grp.getgrnam(ACCOUNT).gr_gid
 
 
@@ -209,6 +215,13 @@ def _man_pages(root: Path, mandir: str) -> list[tuple[Path, Path]]:
     ]
 
 
+def socket_unit(template: str, config: Config) -> str:
+    """``fastknockd.socket`` listening on exactly the config's control port transports."""
+    listen = [f"ListenDatagram={config.port}"] if config.port_udp else []
+    listen += [f"ListenStream={config.port}"] if config.port_tcp else []
+    return template.replace("@LISTEN@", "\n".join(listen))
+
+
 def install(root: Path, bindir: str, mandir: str = MANDIR) -> None:
     real = root == Path("/")
     gid = _account(real)
@@ -221,10 +234,13 @@ def install(root: Path, bindir: str, mandir: str = MANDIR) -> None:
     _write_new(etc / "fastknockd.conf", SERVER_CONF.format(keyline=keyline), 0o640, gid)
     _write_new(etc / "fastknock.conf", CLIENT_CONF.format(keyline=keyline), 0o600)
     _write_new(etc / "nftables.conf.example", RULESET, 0o644)
+    config = load_config(etc / "fastknockd.conf", "server")  # ConfigError: main says so
     unitdir = root / "etc" / "systemd" / "system"
     unitdir.mkdir(parents=True, exist_ok=True)
     for name in UNITS:
         text = resources.files("fastknock").joinpath("units", name).read_text()
+        if name == "fastknockd.socket":
+            text = socket_unit(text, config)
         (unitdir / name).write_text(unit_text(text, bindir))
         os.chmod(unitdir / name, 0o644)  # noqa: S103 -- unit files are public
         _say(f"installed {unitdir / name}")
@@ -254,12 +270,13 @@ def uninstall(root: Path, mandir: str = MANDIR) -> None:
             path.unlink()
             _say(f"removed {path}")
     if real:
-        try:
-            pwd.getpwnam(ACCOUNT)
-            subprocess.run(["userdel", ACCOUNT], check=False)
-            _say(f"removed the account {ACCOUNT}")
-        except KeyError:
-            pass
+        for name in (ACCOUNT, FWD_ACCOUNT):
+            try:
+                pwd.getpwnam(name)
+                subprocess.run(["userdel", name], check=False)
+                _say(f"removed the account {name}")
+            except KeyError:
+                pass
     _say(f"kept {root / 'etc' / 'fastknock'} (it holds your keys): remove it by hand")
 
 
@@ -301,8 +318,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.uninstall:
         uninstall(root, args.mandir)
-    else:
+        return 0
+    try:
         install(root, args.bindir or default_bindir(), args.mandir)
+    except ConfigError as exc:
+        print(f"fastknock-install: {exc} (fix it, then run fastknock-install again)",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

@@ -122,3 +122,30 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     service.write_text(service.read_text().replace("fastknockfwd(8)", "fastknock-nosuch(8)"))
     proc = _verify(units, man)
     assert proc.returncode != 0 and "fastknock-nosuch" in proc.stderr
+
+
+def _listen_lines(root: Path) -> list[str]:
+    text = (root / "etc" / "systemd" / "system" / "fastknockd.socket").read_text()
+    return [line for line in text.splitlines() if line.startswith("Listen")]
+
+
+def test_socket_unit_follows_the_config(tmp_path: Path) -> None:
+    """The generated config says ``5800 / udp``: the socket unit listens on UDP 5800 only
+    (it used to add TCP, which socket activation then served). A kept config with another
+    port and both transports gets exactly those."""
+    assert install.main(["--root", str(tmp_path), "--bindir", "/opt/fk/bin"]) == 0
+    assert _listen_lines(tmp_path) == ["ListenDatagram=5800"]
+    conf = tmp_path / "etc" / "fastknock" / "fastknockd.conf"
+    conf.write_text(conf.read_text().replace("port = 5800 / udp", "port = 6100 / tcp, udp"))
+    assert install.main(["--root", str(tmp_path), "--bindir", "/opt/fk/bin"]) == 0
+    assert _listen_lines(tmp_path) == ["ListenDatagram=6100", "ListenStream=6100"]
+    conf.write_text(conf.read_text().replace("port = 6100 / tcp, udp", "port = 6100 / tcp"))
+    assert install.main(["--root", str(tmp_path), "--bindir", "/opt/fk/bin"]) == 0
+    assert _listen_lines(tmp_path) == ["ListenStream=6100"]
+
+
+def test_broken_kept_config_is_a_clear_error(tmp_path: Path) -> None:
+    assert install.main(["--root", str(tmp_path)]) == 0
+    conf = tmp_path / "etc" / "fastknock" / "fastknockd.conf"
+    conf.write_text(conf.read_text().replace("port = 5800 / udp", "port = 5800 / sctp"))
+    assert install.main(["--root", str(tmp_path)]) == 1
