@@ -6,14 +6,25 @@ answer (timeout, no socket, a short or garbled reply) is a ``FirewallError``.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 from fastknock.errors import FirewallError, WireError
-from fastknock.ipc import REPLY_SIZE, FwRequest, FwStatus, decode_reply, encode_request
+from fastknock.ipc import (
+    REPLY_SIZE,
+    FwRequest,
+    FwStatus,
+    deadline_after,
+    decode_reply,
+    encode_request,
+)
 
 
 def request_sync(path: str, req: FwRequest, timeout: float) -> FwStatus:
-    """Send one request to fastknockfwd and wait for its reply, blocking."""
+    """Send one request to fastknockfwd and wait for its reply, blocking (deadline: the
+    end of this wait, as fastknockd's link sets it)."""
+    if req.deadline_ms is None:
+        req = dataclasses.replace(req, deadline_ms=deadline_after(timeout))
     data = encode_request(req)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

@@ -7,6 +7,7 @@ Daemon logic runs in memory with an explicit clock.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import threading
 from types import MappingProxyType
@@ -170,6 +171,38 @@ def test_requests_queued_behind_a_transaction_share_the_next_one() -> None:
     assert [len(b) for b in fw.batches] == [1, 50]
     assert d.stats["transactions"] == 2 and d.stats["requests"] == 51
     assert d.stats["live"] == 51
+
+
+def test_requests_past_their_deadline_change_nothing() -> None:
+    """A request whose deadline passed gets EXPIRED and no change: on arrival, and when it
+    waited behind a transaction until after its requester gave up (the stalled-fwd case).
+    The control: requests within their deadline in the same run are applied."""
+    mono = [10_000]
+    d = daemon()
+    d.mono_ms = lambda: mono[0]
+    fw = d.fw
+    assert isinstance(fw, FakeFirewall)
+    fw.gate = threading.Event()
+
+    def at(addr: str, deadline: int) -> FwRequest:
+        return dataclasses.replace(req(1, addr), deadline_ms=deadline)
+
+    async def run() -> list[FwStatus]:
+        late = await d.submit(at("192.0.2.9", 10_000))  # due now: refused on arrival
+        first = asyncio.ensure_future(d.submit(at("192.0.2.1", 20_000)))
+        await asyncio.sleep(0.05)  # in flight (gated)
+        queued = asyncio.ensure_future(d.submit(at("192.0.2.2", 15_000)))  # fine on arrival
+        control = asyncio.ensure_future(d.submit(at("192.0.2.3", 30_000)))
+        await asyncio.sleep(0.05)
+        mono[0] = 16_000  # the queued request's sender gave up while we were busy
+        assert fw.gate is not None
+        fw.gate.set()
+        return [late, await first, await queued, await control]
+
+    assert asyncio.run(run()) == [FwStatus.EXPIRED, FwStatus.ACK, FwStatus.EXPIRED, FwStatus.ACK]
+    applied = {str(c.key.addr) for batch in fw.batches for c in batch}  # type: ignore[union-attr]
+    assert applied == {"192.0.2.1", "192.0.2.3"}
+    assert d.counts["status_expired"] == 2
 
 
 def test_same_lease_twice_in_a_batch_is_one_change_and_last_wins() -> None:

@@ -7,6 +7,7 @@ WireError, never another exception; encode/decode round-trip.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -37,6 +38,7 @@ requests = st.builds(
     resource=st.integers(0, 2**32 - 1),
     addr=addrs,
     checksum=st.binary(min_size=32, max_size=32),
+    deadline_ms=st.none() | st.integers(1, 2**64 - 1),
 )
 
 
@@ -45,20 +47,33 @@ def good(addr: str = "192.0.2.7", op: FwOp = FwOp.INSTALL) -> FwRequest:
 
 
 def test_sizes_and_layout() -> None:
-    assert ipc.REQUEST_SIZE == 64
+    assert ipc.REQUEST_SIZE == 72
     assert ipc.REPLY_SIZE == 8
-    data = ipc.encode_request(good())
-    assert data[:4] == b"FKFW" and data[4] == 1 and data[5] == 1 and data[6] == 4
+    data = ipc.encode_request(dataclasses.replace(good(), deadline_ms=0x0102030405060708))
+    assert data[:4] == b"FKFW" and data[4] == 2 and data[5] == 1 and data[6] == 4
     assert data[8:12] == bytes.fromhex("12345678")
     assert data[12:16] == bytes.fromhex("87654321")
     assert data[16:20] == bytes([192, 0, 2, 7]) and data[20:32] == bytes(12)
-    assert data[32:] == CHECKSUM
+    assert data[32:64] == CHECKSUM
+    assert data[64:] == bytes.fromhex("0102030405060708")  # the deadline
+
+
+def test_deadline_defaults_and_bounds() -> None:
+    """No deadline given: now + DEFAULT_TTL; a zero or out-of-range one is refused."""
+    before = ipc.now_ms()
+    got = ipc.decode_request(ipc.encode_request(good())).deadline_ms
+    assert got is not None and before < got <= ipc.now_ms() + int(ipc.DEFAULT_TTL * 1000)
+    for bad in (0, -1, 1 << 64):
+        with pytest.raises(WireError):
+            ipc.encode_request(dataclasses.replace(good(), deadline_ms=bad))
+    assert ipc.deadline_after(2.0) <= ipc.now_ms() + 2000 - 250  # a margin before give-up
 
 
 @given(requests)
 def test_request_round_trip(req: FwRequest) -> None:
     back = ipc.decode_request(ipc.encode_request(req))
     assert back.op == req.op and back.user == req.user and back.resource == req.resource
+    assert req.deadline_ms is None or back.deadline_ms == req.deadline_ms
     assert back.checksum == req.checksum
     assert back.addr == addr.normalize(req.addr)
 
@@ -93,12 +108,14 @@ def _mutate(offset: int, value: int) -> bytes:
         ipc.encode_request(good())[:-1],
         ipc.encode_request(good()) + b"\0",
         _mutate(0, ord("X")),  # magic
-        _mutate(4, 2),  # version
+        _mutate(4, 1),  # version 1 (no deadline): refused
+        _mutate(4, 3),  # version
         _mutate(5, 0),  # op
         _mutate(5, 3),  # op
         _mutate(6, 5),  # family
         _mutate(7, 1),  # reserved
         _mutate(25, 1),  # IPv4 padding
+        ipc.encode_request(good())[:64] + bytes(8),  # deadline 0
     ],
 )
 def test_malformed_requests_rejected(data: bytes) -> None:
@@ -130,7 +147,8 @@ def test_decode_reply_total(data: bytes) -> None:
         b"FKFW\x01\x00\x00",
         b"FKFW\x01\x00\x00\x00\x00",
         b"XKFW\x01\x00\x00\x00",
-        b"FKFW\x02\x00\x00\x00",
+        b"FKFW\x01\x00\x00\x00",  # version 1
+        b"FKFW\x03\x00\x00\x00",
         b"FKFW\x01\xff\x00\x00",
         b"FKFW\x01\x00\x00\x01",
     ],
@@ -218,7 +236,9 @@ def test_clients_get_status(fake) -> None:  # type: ignore[no-untyped-def]
     d = fake(ipc.encode_reply(FwStatus.LIMIT))
     assert fwd_client.request_sync(d.path, good(), 2.0) is FwStatus.LIMIT
     assert asyncio.run(fwdlink.request(d.path, good("2001:db8::1"), 2.0)) is FwStatus.LIMIT
-    assert ipc.decode_request(d.received[0]) == good()
+    first = ipc.decode_request(d.received[0])
+    assert dataclasses.replace(first, deadline_ms=None) == good()
+    assert first.deadline_ms is not None and first.deadline_ms <= ipc.now_ms() + 2000
     assert ipc.decode_request(d.received[1]).addr == ipaddress.IPv6Address("2001:db8::1")
 
 

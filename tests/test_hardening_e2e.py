@@ -21,9 +21,15 @@ import pytest
 from fastknock.osutil import privs
 from tests import netns
 from tests.e2e_support import (
+    CHALLENGE,
     FWD_USER,
+    GOAWAY,
+    KEY1,
+    KNOCK,
     REPO,
+    RESPONSE,
     SERVER_USER,
+    USER1,
     Daemon,
     Stack,
     _env,
@@ -31,6 +37,8 @@ from tests.e2e_support import (
     jump_res,
     port_res,
     server_config,
+    signed,
+    unpack,
     wait_for,
 )
 
@@ -282,3 +290,54 @@ def test_activation_without_a_configured_transport_refuses_to_start(launchable: 
         assert "Traceback" not in daemon.text()
     finally:
         daemon.stop()
+
+
+# -- late firewall changes ---------------------------------------------------------------------
+
+R_LATE = port_res(0x305, 2605)
+
+
+@pytest.fixture
+def latestack() -> Iterator[Stack]:
+    netns.require()
+    stack = Stack("late", [R_TCP, R_LATE], "basic-auth", 1.0, server_args=["-N", "16"])
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+def test_stalled_fwd_never_applies_what_the_client_was_told_failed(latestack: Stack) -> None:
+    """fastknockfwd stopped (SIGSTOP) while 20 knocks (two source addresses) wait for it:
+    fastknockd gives up after its control timeout and answers GOAWAY; after SIGCONT the
+    firewall daemon reads the 20 queued requests, past their deadline: EXPIRED, no lease.
+    The control: a knock before the stall opens its port."""
+    stack = latestack
+    assert stack.fwd is not None
+    server, me, other = stack.addrs(False)
+    knock_ok(stack, "knock", server, str(R_TCP.probe), "-4")  # control
+    assert stack.connects(me, server, R_TCP.probe)
+    peers = [stack.udp(src) for src in [me] * 10 + [other] * 10]
+    stack.fwd.send_signal(signal.SIGSTOP)
+    try:
+        for p in peers:
+            p.send(signed(KEY1, KNOCK, USER1, R_LATE.id))
+        challenges = [p.recv(10.0) for p in peers]
+        assert all(c is not None and unpack(c).op == CHALLENGE for c in challenges)
+        for p, c in zip(peers, challenges, strict=True):
+            assert c is not None
+            p.send(signed(KEY1, RESPONSE, USER1, R_LATE.id, unpack(c).auth))
+        replies = [p.recv(15.0) for p in peers]  # fastknockd's control timeout is 1 s
+        assert [None if r is None else unpack(r).op for r in replies] == [GOAWAY] * 20
+    finally:
+        stack.fwd.send_signal(signal.SIGCONT)
+        for p in peers:
+            p.close()
+    fwd = stack.fwd
+    tag = f"resource={R_LATE.id:08X}"
+    wait_for("fwd to read the 20 requests", lambda: fwd.text().count(tag) >= 20)
+    lines = [line for line in fwd.text().splitlines() if tag in line]
+    assert all(line.endswith(": EXPIRED") for line in lines), lines
+    assert not stack.connects(me, server, R_LATE.probe)
+    assert not stack.connects(other, server, R_LATE.probe)
+    assert stack.connects(me, server, R_TCP.probe)  # the earlier lease is untouched

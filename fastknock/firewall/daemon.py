@@ -12,6 +12,10 @@ Design
   addresses arrive as IPv4, normalised by ``ipc.decode_request``), then ``Config.admit``
   (resource known, user known and allowed, port not 0 and not the control port: the same
   rule fastknockd applied), then the chains a jump resource needs.
+- Deadlines: a request whose deadline (``ipc``: the sender's give-up, on CLOCK_MONOTONIC)
+  has passed gets EXPIRED and changes nothing, checked on arrival and again when its batch
+  is planned, right before the transaction: a stalled daemon never applies what its
+  requester already reported as failed.
 - Batching: validated requests join a queue. One worker coroutine takes *everything*
   queued, plans it (cap check, one change per lease key; the last change to a key wins)
   and applies it as one nftables transaction in a thread, so the event loop keeps
@@ -71,6 +75,7 @@ class _Item:
     changes: list[Change]
     install: bool
     future: asyncio.Future[FwStatus] | None  # None: internal (jump expiry)
+    deadline_ms: int | None = None  # ipc.now_ms() after which the requester stopped waiting
 
 
 @dataclass
@@ -91,6 +96,7 @@ class Daemon:
     fw: Firewall
     account: ServerAccount
     clock: Callable[[], float] = time.time
+    mono_ms: Callable[[], int] = ipc.now_ms  # the clock of request deadlines
     leases: dict[LeaseKey, float] = field(default_factory=dict)  # key -> deadline
     counts: Counter[str] = field(default_factory=Counter)
     _queue: list[_Item] = field(default_factory=list)
@@ -186,9 +192,11 @@ class Daemon:
         checked = self.validate(req)
         if isinstance(checked, FwStatus):
             status = checked
+        elif req.deadline_ms is not None and self.mono_ms() >= req.deadline_ms:
+            status = FwStatus.EXPIRED  # e.g. queued while we were stalled: the sender gave up
         else:
             future: asyncio.Future[FwStatus] = asyncio.get_running_loop().create_future()
-            self._enqueue(_Item(checked, req.op == FwOp.INSTALL, future))
+            self._enqueue(_Item(checked, req.op == FwOp.INSTALL, future, req.deadline_ms))
             status = await future
         self.counts["acks" if status == FwStatus.ACK else "nacks"] += 1
         self.counts[f"status_{status.name.lower()}"] += 1
@@ -225,7 +233,12 @@ class Daemon:
         self.prune_expired()
         live = self.live_count()
         resynced = False
+        now_ms = self.mono_ms()  # the last deadline check before these changes are applied
         for item in batch:
+            if item.deadline_ms is not None and now_ms >= item.deadline_ms:
+                if item.future is not None:
+                    item.future.set_result(FwStatus.EXPIRED)
+                continue
             if item.install:
                 new = {c.key for c in item.changes if c.key not in self.leases}
                 new -= planned.keys()

@@ -3,9 +3,10 @@
 Design
 ------
 The codec, the socket path and the status codes are ``fastknock.ipc`` (shared with the root
-daemon, which must not carry a client). Here: connect to the Unix socket, write the 64-byte
-request, read the 8-byte reply, close. Every failure to get an answer (timeout, refused or
-missing socket, a short or garbled reply) is a ``FirewallError`` with the path in its
+daemon, which must not carry a client). Here: connect to the Unix socket, write the
+request (with the deadline of this wait, ``ipc.deadline_after(timeout)``: fwd never applies
+it later), read the 8-byte reply, close. Every failure to get an answer (timeout, refused
+or missing socket, a short or garbled reply) is a ``FirewallError`` with the path in its
 message; a NACK is a normal answer (an ``FwStatus`` other than ACK). The daemon may answer
 and close before it reads the request (a refused peer): a failed drain is not an error, the
 reply is still read.
@@ -14,9 +15,17 @@ reply is still read.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from fastknock.errors import FirewallError, WireError
-from fastknock.ipc import REPLY_SIZE, FwRequest, FwStatus, decode_reply, encode_request
+from fastknock.ipc import (
+    REPLY_SIZE,
+    FwRequest,
+    FwStatus,
+    deadline_after,
+    decode_reply,
+    encode_request,
+)
 
 __all__ = ["request"]
 
@@ -39,8 +48,9 @@ async def _exchange(path: str, data: bytes) -> bytes:
 
 
 async def request(path: str, req: FwRequest, timeout: float) -> FwStatus:
-    """Send one request to fastknockfwd; raise FirewallError if it cannot be answered."""
-    data = encode_request(req)
+    """Send one request to fastknockfwd; raise FirewallError if it cannot be answered.
+    The request carries the deadline of this wait: fwd never applies it later."""
+    data = encode_request(dataclasses.replace(req, deadline_ms=deadline_after(timeout)))
     try:
         reply = await asyncio.wait_for(_exchange(path, data), timeout)
     except asyncio.TimeoutError:
