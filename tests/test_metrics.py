@@ -247,3 +247,18 @@ def test_fwd_daemon_counts_requests_batches_leases_and_errors() -> None:
     assert 2 <= got[("fastknockfwd_batches_total", ())] <= 3  # the first two may share one
     assert got[("fastknockfwd_leases", ())] == 2  # tcp/22 revoked; tcp+udp/53 live
     assert got[("fastknockfwd_failed_transactions_total", ())] == 0
+
+
+def test_write_atomic_replaces_a_planted_link(tmp_path: Path) -> None:
+    """A symlink planted at the metrics path (by whoever can write the textfile directory)
+    is replaced by the new file, never followed: the target keeps its content and mode.
+    (fastknockfwd writes its metrics as its own account since issue 12; this holds for any
+    writer.)"""
+    target = tmp_path / "target"
+    target.write_text("keep\n")
+    target.chmod(0o600)
+    path = tmp_path / "fastknockfwd.prom"
+    path.symlink_to(target)
+    metrics.write_atomic(str(path), "fresh\n")
+    assert not path.is_symlink() and path.read_text() == "fresh\n"
+    assert target.read_text() == "keep\n" and stat.S_IMODE(target.stat().st_mode) == 0o600
