@@ -45,6 +45,7 @@ def write_config(tmp_path: Path, port: int, proto: str = "tcp", timeout: float =
         f"[KEYS]\n{USER:08X} = {KEY_HEX}\n\n"
         f"[RESOURCES]\n{RES_SSH:08X} = port: 22\n{RES_UDP:08X} = port: 53 / udp\n"
     )
+    path.chmod(0o600)  # it holds a key: readable by others would be warned about
     return str(path)
 
 

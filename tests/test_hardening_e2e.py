@@ -272,6 +272,7 @@ def test_activation_serves_only_the_configured_transport(launchable: Stack) -> N
         server, me, _ = stack.addrs(False)
         client_conf = stack.work / "client-udp.conf"
         client_conf.write_text(client_config([R_TCP], timeout=5.0))
+        client_conf.chmod(0o600)
         k = stack.knock("knock", server, str(R_TCP.probe), "-4", "-U", config=client_conf)
         assert k.code == 0, f"{k.err}\n{daemon.text()}"
         assert stack.connects(me, server, R_TCP.probe)

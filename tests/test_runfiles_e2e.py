@@ -80,6 +80,14 @@ def untouched(path: Path) -> bool:
     )
 
 
+def pid_in(path: Path) -> str:
+    """The PID file's text, or "" while it does not exist yet."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
 def pid_file_ok(path: Path, pid: int, owner: str) -> bool:
     st = os.lstat(path)
     return (
@@ -116,7 +124,7 @@ def test_fastknockfwd_socket_and_pid_file_links_are_not_followed(stack: Stack) -
     assert stack.fwd is not None
     run = stack.rundir / "fastknockfwd"
     pid_file, sock = run / "fastknockfwd.pid", run / "fastknockfwd.sock"
-    wait_for("the PID file", lambda: pid_file.exists() and pid_file.read_text().strip() != "")
+    wait_for("the PID file", lambda: pid_in(pid_file) != "")
     assert pid_file_ok(pid_file, stack.fwd.pid, FWD_USER)  # control: a normal start
     assert stack.fwd.stop() == 0
     targets = [root_only(stack.work / "t-pid"), root_only(stack.work / "t-sock")]
@@ -125,7 +133,7 @@ def test_fastknockfwd_socket_and_pid_file_links_are_not_followed(stack: Stack) -
             assert as_account(FWD_USER, os.unlink, str(link)) == 0  # the account may
         assert as_account(FWD_USER, os.symlink, str(target), str(link)) == 0
     fwd = stack.start_fwd()
-    wait_for("the PID file", lambda: pid_file.read_text().strip() == str(fwd.pid))
+    wait_for("the PID file", lambda: pid_in(pid_file) == str(fwd.pid))
     assert all(untouched(t) for t in targets), "root followed a planted link"
     assert pid_file_ok(pid_file, fwd.pid, FWD_USER)
     assert stat.S_ISSOCK(os.lstat(sock).st_mode)
@@ -187,7 +195,7 @@ def test_fwd_instance_lock_is_a_flock_not_a_pid(stack: Stack) -> None:
     assert stack.fwd is not None
     run = stack.rundir / "fastknockfwd"
     pid_file = run / "fastknockfwd.pid"
-    wait_for("the PID file", lambda: pid_file.read_text().strip() == str(stack.fwd.pid))  # type: ignore[union-attr]
+    wait_for("the PID file", lambda: pid_in(pid_file) == str(stack.fwd.pid))  # type: ignore[union-attr]
     second = [sys.executable, "-m", "fastknock.fwd", "-c", str(stack.server_conf), "--rundir",
               str(stack.rundir), "--test-mode", "--server-user", SERVER_USER, "--user", FWD_USER,
               "--no-systemd"]  # fmt: skip
@@ -202,7 +210,7 @@ def test_fwd_instance_lock_is_a_flock_not_a_pid(stack: Stack) -> None:
     try:
         pid_file.write_text(f"{fake.pid}\n")
         fwd = stack.start_fwd()
-        wait_for("the PID file", lambda: pid_file.read_text().strip() == str(fwd.pid))
+        wait_for("the PID file", lambda: pid_in(pid_file) == str(fwd.pid))
         assert fwd.alive() and fake.poll() is None
     finally:
         fake.kill()  # ours, by PID
