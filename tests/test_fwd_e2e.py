@@ -435,7 +435,7 @@ def test_bad_requests_are_refused_and_daemon_keeps_serving(env: Env) -> None:
     assert fwd.install(0x44, me, user=USER2) == FwStatus.USER_NOT_ALLOWED
     assert fwd.install(0x5800, me) == FwStatus.BAD_PORT
     # Garbage of the right size gets MALFORMED; short or silent peers are just dropped.
-    assert ipc.decode_reply(_raw(fwd.path, os.urandom(64))) == FwStatus.MALFORMED
+    assert ipc.decode_reply(_raw(fwd.path, os.urandom(ipc.REQUEST_SIZE))) == FwStatus.MALFORMED
     assert _raw(fwd.path, good[:10], shut=True) == b""
     slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     slow.connect(fwd.path)
