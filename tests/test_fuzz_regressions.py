@@ -50,11 +50,8 @@ def test_error_property_control(role: str) -> None:
     assert unsafe(message) == []
 
 
-# issue 12 finding 4: section names bypass show() in "duplicate section" and "duplicate
-# option" errors, so terminal escapes and key-shaped names reach the log verbatim.
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="issue 12 finding 4: section names not quoted"
-)
+# issue 12 finding 4 (fixed): section names bypassed show() in "duplicate section" and
+# "duplicate option" errors, so terminal escapes and key-shaped names reached the log.
 @pytest.mark.parametrize("role", ["server", "client"])
 @pytest.mark.parametrize(
     "text",
@@ -102,15 +99,9 @@ def test_check_float_mask_python_raises(mask: float) -> None:
     assert raised_by_check(KeyRing({1: bytes(32)}), mask) is TypeError
 
 
-# issue 12 finding 7: the C KeyRing.check truncates a float allowed_ops (33.5 -> 33) where
-# the Python reference raises TypeError (and raises ValueError for nan, OverflowError for
-# inf and 2**32); fuzz_wire reports each as a difference.
+# issue 12 finding 7 (fixed): the C KeyRing.check truncated a float allowed_ops (33.5 -> 33)
+# where the Python reference raises TypeError; fuzz_wire reported each as a difference.
 @pytest.mark.skipif(NO_EXTENSIONS, reason="FASTKNOCK_NO_EXTENSIONS=1")
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 12 finding 7: C check takes a float mask",
-)
 @pytest.mark.parametrize("mask", FLOAT_MASKS, ids=str)
 def test_check_float_mask_c_raises(mask: float) -> None:
     from fastknock._hmac import KeyRing

@@ -8,7 +8,6 @@ read from the test's file holds a key byte while fastknockd serves.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import logging
@@ -41,10 +40,9 @@ def test_fastknockd_drops_config_keys_once_the_key_ring_is_built(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     conf = _conf(tmp_path)
-    args = argparse.Namespace(
-        config=str(conf), rundir=str(tmp_path), num_connections=4, num_ip_connections=4,
-        udp_path="batched", metrics_file=None, workers=1, seccomp_mode="off", no_systemd=True,
-    )  # fmt: skip
+    args = server.build_parser().parse_args(["-c", str(conf), "--rundir", str(tmp_path),
+                                             "--no-systemd"])  # fmt: skip
+    args.seccomp_mode = "off"
     caplog.set_level(logging.INFO, "fastknockd")
     found: list[int] = []
 
@@ -54,6 +52,8 @@ def test_fastknockd_drops_config_keys_once_the_key_ring_is_built(
         task = asyncio.create_task(server.serve(config, args, (None, None)))
         del config
         while "listening on port" not in caplog.text:
+            if task.done():
+                task.result()  # serve() failed: raise its error
             await asyncio.sleep(0.01)
         found.append(len(_configs_with_keys(str(conf))))
         task.cancel()

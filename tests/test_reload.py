@@ -64,20 +64,23 @@ def test_fastknockd_reload_parses_off_the_loop(
     config = load_config(conf, "server")
     loader = BlockingLoader()
     monkeypatch.setattr(server, "load_config", loader)
-    args = argparse.Namespace(
-        config=str(conf), rundir=str(tmp_path), num_connections=4, num_ip_connections=4,
-        udp_path="batched", metrics_file=None, workers=1, seccomp_mode="off", no_systemd=True,
-    )  # fmt: skip
+    args = server.build_parser().parse_args(["-c", str(conf), "--rundir", str(tmp_path),
+                                             "--no-systemd"])  # fmt: skip
+    args.seccomp_mode = "off"
     caplog.set_level(logging.INFO, "fastknockd")
 
     async def main() -> None:
         task = asyncio.create_task(server.serve(config, args, (None, None)))
         while "listening on port" not in caplog.text:  # the handlers are in place
+            if task.done():
+                task.result()  # serve() failed: raise its error
             await asyncio.sleep(0.01)
         assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN)
         signal.raise_signal(signal.SIGHUP)
         await loader.release_from_loop()
         while "reloaded" not in caplog.text:
+            if task.done():
+                task.result()
             await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
