@@ -648,6 +648,12 @@ class Stack:
             if d is not None:
                 d.stop()
 
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self._exit.close()
 
@@ -695,6 +701,26 @@ class Stack:
 
     def udp(self, src: str, v6: bool = False) -> UdpPeer:
         return UdpPeer(self.pair.client, src, self.addrs(v6)[0], CONTROL_PORT)
+
+    def knock_once(self, src: str, rid: int, tcp: bool = False, wait: float = 5.0) -> float | None:
+        """One single-shot knock (no retransmission) through the oracle codec: seconds from
+        KNOCK to COMEIN, or None if a reply did not come or was not the expected one."""
+        peer: Peer = self.tcp(src) if tcp else self.udp(src)
+        start = time.perf_counter()
+        try:
+            peer.send(signed(KEY1, KNOCK, USER1, rid))
+            reply = peer.recv(wait)
+            if reply is None or unpack(reply).op != CHALLENGE:
+                return None
+            peer.send(signed(KEY1, RESPONSE, USER1, rid, unpack(reply).auth))
+            reply = peer.recv(wait)
+            if reply is None or unpack(reply).op != COMEIN:
+                return None
+            return time.perf_counter() - start
+        except OSError:
+            return None
+        finally:
+            peer.close()
 
     def tcp(self, src: str, v6: bool = False) -> TcpPeer:
         return TcpPeer(self.pair.client, src, self.addrs(v6)[0], CONTROL_PORT)

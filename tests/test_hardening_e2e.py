@@ -251,11 +251,8 @@ def _activate(stack: Stack, kinds: str, port_spec: str, tag: str) -> Daemon:
 @pytest.fixture
 def launchable() -> Iterator[Stack]:
     netns.require()
-    stack = Stack("act", [R_TCP], "basic-auth", 1.0, start_server=False)
-    try:
+    with Stack("act", [R_TCP], "basic-auth", 1.0, start_server=False) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 def test_activation_serves_only_the_configured_transport(launchable: Stack) -> None:

@@ -20,16 +20,12 @@ import pytest
 
 from tests import netns, spoof
 from tests.e2e_support import (
-    CHALLENGE,
-    COMEIN,
     KEY1,
     KNOCK,
-    RESPONSE,
     USER1,
     Stack,
     port_res,
     signed,
-    unpack,
     wait_for,
 )
 
@@ -40,39 +36,18 @@ CONTROL_TIMEOUT = 5.0  # the issue's defaults: -n 64 -N 8, control-timeout 5, pr
 SPOOF_NET = "10.99"
 
 
-class Replayer:
-    """Sends one captured datagram from ``sources`` spoofed addresses (round robin, a new
-    source port per round) as fast as one thread can, until stopped or ``limit`` s."""
+class Background:
+    """A daemon thread running ``self.run_until(stop)``, started on ``with`` entry and
+    stopped (event set, joined) on exit; ``seconds`` is how long it ran."""
 
-    def __init__(self, stack: Stack, payload: bytes, sources: int, limit: float = 60.0) -> None:
-        self.stack = stack
-        self.dst = stack.addrs(False)[0]
-        self.packets = [
-            spoof.packet(f"{SPOOF_NET}.{i // 250}.{i % 250 + 1}", 0, self.dst, 5800, payload)
-            for i in range(sources)
-        ]
-        self.sent = 0
-        self.limit = limit
+    def __init__(self) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self.run_until, args=(self._stop,), daemon=True)
 
-    def _run(self) -> None:
-        with netns.entered(self.stack.ns):
-            raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-        with raw as s:
-            end = time.monotonic() + self.limit
-            port = 20000
-            while not self._stop.is_set() and time.monotonic() < end:
-                port = port + 1 if port < 60000 else 20000
-                sport = struct.pack("!H", port)
-                for pkt in self.packets:
-                    try:
-                        s.sendto(pkt[:20] + sport + pkt[22:], (self.dst, 0))
-                    except OSError:  # a full queue: keep going
-                        continue
-                    self.sent += 1
+    def run_until(self, stop: threading.Event) -> None:
+        raise NotImplementedError
 
-    def __enter__(self) -> Replayer:
+    def __enter__(self):  # type: ignore[no-untyped-def]
         self.started = time.monotonic()
         self._thread.start()
         return self
@@ -81,6 +56,38 @@ class Replayer:
         self._stop.set()
         self._thread.join(10)
         self.seconds = time.monotonic() - self.started
+
+
+class Replayer(Background):
+    """Sends one captured datagram from ``sources`` spoofed addresses (round robin, a new
+    source port per round) as fast as one thread can, until stopped or ``limit`` s."""
+
+    def __init__(self, stack: Stack, payload: bytes, sources: int, limit: float = 60.0) -> None:
+        super().__init__()
+        self.stack = stack
+        self.dst = stack.addrs(False)[0]
+        self.packets = [
+            spoof.packet(f"{SPOOF_NET}.{i // 250}.{i % 250 + 1}", 0, self.dst, 5800, payload)
+            for i in range(sources)
+        ]
+        self.sent = 0
+        self.limit = limit
+
+    def run_until(self, stop: threading.Event) -> None:
+        with netns.entered(self.stack.ns):
+            raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        with raw as s:
+            end = time.monotonic() + self.limit
+            port = 20000
+            while not stop.is_set() and time.monotonic() < end:
+                port = port + 1 if port < 60000 else 20000
+                sport = struct.pack("!H", port)
+                for pkt in self.packets:
+                    try:
+                        s.sendto(pkt[:20] + sport + pkt[22:], (self.dst, 0))
+                    except OSError:  # a full queue: keep going
+                        continue
+                    self.sent += 1
 
 
 def _spoofed_sources_route_back(stack: Stack) -> None:
@@ -94,20 +101,7 @@ def _spoofed_sources_route_back(stack: Stack) -> None:
 
 def legit_knocks(stack: Stack, n: int, src: str) -> int:
     """``n`` single-shot knocks (no retransmission) from ``src``: how many got COMEIN."""
-    ok = 0
-    for _ in range(n):
-        peer = stack.udp(src)
-        try:
-            peer.send(signed(KEY1, KNOCK, USER1, RES.id))
-            reply = peer.recv(5.0)
-            if reply is None or unpack(reply).op != CHALLENGE:
-                continue
-            peer.send(signed(KEY1, RESPONSE, USER1, RES.id, unpack(reply).auth))
-            reply = peer.recv(5.0)
-            ok += reply is not None and unpack(reply).op == COMEIN
-        finally:
-            peer.close()
-    return ok
+    return sum(stack.knock_once(src, RES.id) is not None for _ in range(n))
 
 
 def test_a_knock_replayed_from_1000_addresses_locks_nobody_out() -> None:
@@ -115,8 +109,7 @@ def test_a_knock_replayed_from_1000_addresses_locks_nobody_out() -> None:
     generator's rate, never answering the CHALLENGE. Control: 50 knocks with no attack.
     Then the same 50 knocks during the replay: all must succeed, without retransmission."""
     netns.require()
-    stack = Stack("replay1k", [RES], timeout=CONTROL_TIMEOUT, verbose=False, metrics=True)
-    try:
+    with Stack("replay1k", [RES], timeout=CONTROL_TIMEOUT, verbose=False, metrics=True) as stack:
         _spoofed_sources_route_back(stack)
         other = stack.addrs(False)[2]
         assert legit_knocks(stack, 50, other) == 50  # the no-attack control
@@ -137,23 +130,20 @@ def test_a_knock_replayed_from_1000_addresses_locks_nobody_out() -> None:
         assert metrics["fastknockd_sessions_active"] == 0
         assert metrics["fastknockd_challenges_total"] >= attack.sent // 2
         assert stack.server is not None and stack.server.alive()
-    finally:
-        stack.close()
 
 
-class IdleHolders:
+class IdleHolders(Background):
     """``per`` idle TCP connections to the control port from each of ``addrs``, each
     reconnected (at most every 20 ms) as soon as the server closes it. Bounded: stops
     when told or after ``limit`` s."""
 
     def __init__(self, stack: Stack, addrs: list[str], per: int, limit: float = 60.0) -> None:
+        super().__init__()
         self.stack = stack
         self.slots = [a for a in addrs for _ in range(per)]
         self.dst = stack.addrs(False)[0]
         self.connects = 0
         self.limit = limit
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _connect(self, src: str) -> socket.socket | None:
         with netns.entered(self.stack.ns):
@@ -168,7 +158,7 @@ class IdleHolders:
         self.connects += 1
         return s
 
-    def _run(self) -> None:
+    def run_until(self, stop: threading.Event) -> None:
         import selectors
 
         sel = selectors.DefaultSelector()
@@ -177,7 +167,7 @@ class IdleHolders:
             if s is not None:
                 sel.register(s, selectors.EVENT_READ, src)
         end = time.monotonic() + self.limit
-        while not self._stop.is_set() and time.monotonic() < end:
+        while not stop.is_set() and time.monotonic() < end:
             for key, _ in sel.select(0.02):
                 s, src = key.fileobj, key.data
                 try:
@@ -195,22 +185,13 @@ class IdleHolders:
         for key in list(sel.get_map().values()):
             key.fileobj.close()  # type: ignore[union-attr]
 
-    def __enter__(self) -> IdleHolders:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
 
 def test_idle_tcp_connections_from_16_addresses_lock_nobody_out() -> None:
     """Issue 11: 16 addresses x 8 idle TCP connections (128), reconnecting when closed,
     at the defaults. Control first, then during the attack: the real client knocks over
     TCP and over UDP from another address, every time."""
     netns.require()
-    stack = Stack("idle128", [RES], timeout=CONTROL_TIMEOUT, verbose=False, metrics=True)
-    try:
+    with Stack("idle128", [RES], timeout=CONTROL_TIMEOUT, verbose=False, metrics=True) as stack:
         attackers = [f"10.77.0.{10 + i}" for i in range(16)]
         for a in attackers:
             netns.run(stack.ns, ["ip", "addr", "add", f"{a}/24", "dev", "fk1"], check=True)
@@ -234,5 +215,3 @@ def test_idle_tcp_connections_from_16_addresses_lock_nobody_out() -> None:
             "the pre-auth refusals in the metrics",
             lambda: stack.metrics().get('fastknockd_rejected_total{reason="tcp-budget"}', 0) > 0,
         )
-    finally:
-        stack.close()

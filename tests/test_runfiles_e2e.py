@@ -100,11 +100,8 @@ def pid_file_ok(path: Path, pid: int, owner: str) -> bool:
 @pytest.fixture
 def stack() -> Iterator[Stack]:
     netns.require()
-    s = Stack("links", [R], "basic-auth", 1.0, start_server=False)
-    try:
+    with Stack("links", [R], "basic-auth", 1.0, start_server=False) as s:
         yield s
-    finally:
-        s.close()
 
 
 def test_fastknockd_pid_file_link_is_not_followed(stack: Stack) -> None:

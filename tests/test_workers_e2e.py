@@ -26,18 +26,14 @@ import pytest
 
 from tests import netns
 from tests.e2e_support import (
-    CHALLENGE,
-    COMEIN,
     KEY1,
     KNOCK,
-    RESPONSE,
     SERVER_USER,
     USER1,
     Stack,
     flip,
     port_res,
     signed,
-    unpack,
     wait_for,
 )
 
@@ -103,17 +99,7 @@ def _metric(text: str, name: str, labels: str = "") -> float:
 
 
 def _knock(stack: Stack, src: str) -> bool:
-    peer = stack.udp(src)
-    try:
-        peer.send(signed(KEY1, KNOCK, USER1, RES.id))
-        reply = peer.recv(5.0)
-        if reply is None or unpack(reply).op != CHALLENGE:
-            return False
-        peer.send(signed(KEY1, RESPONSE, USER1, RES.id, unpack(reply).auth))
-        reply = peer.recv(5.0)
-        return reply is not None and unpack(reply).op == COMEIN
-    finally:
-        peer.close()
+    return stack.knock_once(src, RES.id) is not None
 
 
 def test_two_workers_serve_and_count(stack: Stack, metrics_dir: Path) -> None:

@@ -24,42 +24,11 @@ REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests import netns  # noqa: E402
-from tests.e2e_support import (  # noqa: E402
-    CHALLENGE,
-    COMEIN,
-    KEY1,
-    KNOCK,
-    RESPONSE,
-    USER1,
-    Stack,
-    port_res,
-    signed,
-    unpack,
-)
+from tests.e2e_support import Stack, port_res  # noqa: E402
 from tests.test_lockout_e2e import IdleHolders  # noqa: E402
 
 RES = port_res(0x301, 2601)
 REASONS = ("tcp-budget", "preauth-evicted", "preauth-deadline", "limits")
-
-
-def knock_once(stack: Stack, src: str, tcp: bool) -> float | None:
-    """One single-shot knock: seconds from KNOCK to COMEIN, or None."""
-    peer = stack.tcp(src) if tcp else stack.udp(src)
-    start = time.perf_counter()
-    try:
-        peer.send(signed(KEY1, KNOCK, USER1, RES.id))
-        reply = peer.recv(5.0)
-        if reply is None or unpack(reply).op != CHALLENGE:
-            return None
-        peer.send(signed(KEY1, RESPONSE, USER1, RES.id, unpack(reply).auth))
-        reply = peer.recv(5.0)
-        if reply is None or unpack(reply).op != COMEIN:
-            return None
-        return time.perf_counter() - start
-    except OSError:
-        return None
-    finally:
-        peer.close()
 
 
 def row(label: str, results: list[float | None]) -> str:
@@ -102,7 +71,10 @@ def main() -> int:
         for tcp in (True, False):
             name = "TCP" if tcp else "UDP"
             print(
-                row(f"{name}, no attack", [knock_once(stack, me, tcp) for _ in range(args.knocks)])
+                row(
+                    f"{name}, no attack",
+                    [stack.knock_once(me, RES.id, tcp) for _ in range(args.knocks)],
+                )
             )
         before = stack.metrics()
         with IdleHolders(stack, attackers, args.per_source, limit=600.0) as idle:
@@ -110,7 +82,7 @@ def main() -> int:
             for tcp in (True, False):
                 name = "TCP" if tcp else "UDP"
                 label = f"{name}, {len(idle.slots)} idle connections"
-                print(row(label, [knock_once(stack, me, tcp) for _ in range(args.knocks)]))
+                print(row(label, [stack.knock_once(me, RES.id, tcp) for _ in range(args.knocks)]))
         after = stack.metrics()
         counts = {
             r: after.get(f'fastknockd_rejected_total{{reason="{r}"}}', 0)
