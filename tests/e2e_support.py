@@ -739,6 +739,14 @@ class Stack:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.work.glob("*.log")))
 
 
+@contextlib.contextmanager
+def fwd_only_stack(name: str, resources: Sequence[Res]) -> Iterator[Stack]:
+    """A ``Stack`` (basic-auth, 1 s) with fastknockfwd only: the test starts fastknockd."""
+    netns.require()
+    with Stack(name, resources, "basic-auth", 1.0, start_server=False) as stack:
+        yield stack
+
+
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 

@@ -9,23 +9,17 @@ from __future__ import annotations
 import dataclasses
 import socket
 
+from fastknock import ipc
 from fastknock.errors import FirewallError, WireError
-from fastknock.ipc import (
-    REPLY_SIZE,
-    FwRequest,
-    FwStatus,
-    deadline_after,
-    decode_reply,
-    encode_request,
-)
+from fastknock.ipc import FwRequest, FwStatus
 
 
 def request_sync(path: str, req: FwRequest, timeout: float) -> FwStatus:
     """Send one request to fastknockfwd and wait for its reply, blocking (deadline: the
     end of this wait, as fastknockd's link sets it)."""
     if req.deadline_ms is None:
-        req = dataclasses.replace(req, deadline_ms=deadline_after(timeout))
-    data = encode_request(req)
+        req = dataclasses.replace(req, deadline_ms=ipc.deadline_after(timeout))
+    data = ipc.encode_request(req)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
@@ -36,8 +30,8 @@ def request_sync(path: str, req: FwRequest, timeout: float) -> FwStatus:
                 pass  # the daemon may have answered and closed before reading
 
             reply = b""
-            while len(reply) < REPLY_SIZE:
-                chunk = sock.recv(REPLY_SIZE - len(reply))
+            while len(reply) < ipc.REPLY_SIZE:
+                chunk = sock.recv(ipc.REPLY_SIZE - len(reply))
                 if not chunk:
                     break
                 reply += chunk
@@ -46,6 +40,6 @@ def request_sync(path: str, req: FwRequest, timeout: float) -> FwStatus:
     except OSError as exc:
         raise FirewallError(f"firewall daemon at {path} unreachable: {exc}") from exc
     try:
-        return decode_reply(reply)
+        return ipc.decode_reply(reply)
     except WireError as exc:
         raise FirewallError(f"firewall daemon at {path} sent garbage: {exc}") from exc

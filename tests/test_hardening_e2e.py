@@ -34,6 +34,7 @@ from tests.e2e_support import (
     Stack,
     _env,
     client_config,
+    fwd_only_stack,
     jump_res,
     port_res,
     server_config,
@@ -250,8 +251,7 @@ def _activate(stack: Stack, kinds: str, port_spec: str, tag: str) -> Daemon:
 
 @pytest.fixture
 def launchable() -> Iterator[Stack]:
-    netns.require()
-    with Stack("act", [R_TCP], "basic-auth", 1.0, start_server=False) as stack:
+    with fwd_only_stack("act", [R_TCP]) as stack:
         yield stack
 
 

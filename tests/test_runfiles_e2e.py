@@ -29,7 +29,7 @@ import pytest
 
 from fastknock.osutil import privs
 from tests import netns
-from tests.e2e_support import FWD_USER, SERVER_USER, Stack, port_res, wait_for
+from tests.e2e_support import FWD_USER, SERVER_USER, Stack, fwd_only_stack, port_res, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -99,8 +99,7 @@ def pid_file_ok(path: Path, pid: int, owner: str) -> bool:
 
 @pytest.fixture
 def stack() -> Iterator[Stack]:
-    netns.require()
-    with Stack("links", [R], "basic-auth", 1.0, start_server=False) as s:
+    with fwd_only_stack("links", [R]) as s:
         yield s
 
 
