@@ -16,6 +16,8 @@ Namespaces, rules and processes are this module's own (``tests.e2e_support.Stack
 
 from __future__ import annotations
 
+import os
+import pwd
 import re
 import time
 from pathlib import Path
@@ -23,7 +25,16 @@ from pathlib import Path
 import pytest
 
 from tests import netns, spoof
-from tests.e2e_support import CONTROL_PORT, KEY1, USER1, Stack, port_res, read_metrics, wait_for
+from tests.e2e_support import (
+    CONTROL_PORT,
+    FWD_USER,
+    KEY1,
+    USER1,
+    Stack,
+    port_res,
+    read_metrics,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -48,7 +59,11 @@ def start(name: str, nft_extra: str = "") -> tuple[Stack, Path]:
     stack = Stack(name, [RES], port_spec=f"{CONTROL_PORT} / udp", verbose=False,
                   nft_extra=nft_extra, start_server=False)  # fmt: skip
     try:
-        metrics = stack.work / "fwd.prom"
+        # fastknockfwd runs as FWD_USER after its start: its metrics go where it may write.
+        (stack.work / "fwd-metrics").mkdir()
+        account = pwd.getpwnam(FWD_USER)
+        os.chown(stack.work / "fwd-metrics", account.pw_uid, account.pw_gid)
+        metrics = stack.work / "fwd-metrics" / "fwd.prom"
         assert stack.fwd is not None
         stack.fwd.stop()
         stack.fwd_args = ["--metrics-file", str(metrics), "--metrics-interval", "0.2"]
