@@ -116,10 +116,10 @@ def _family(addr: str) -> socket.AddressFamily:
 class UdpPeer:
     """An unconnected UDP socket in ``ns`` bound to ``src``: sees every datagram sent to it."""
 
-    def __init__(self, ns: str, src: str, dst: str, port: int) -> None:
+    def __init__(self, ns: str, src: str, dst: str, port: int, sport: int = 0) -> None:
         self.dst = (dst, port)
         self.sock = netns.socket_in(ns, _family(dst), socket.SOCK_DGRAM)
-        self.sock.bind((src, 0))
+        self.sock.bind((src, sport))
         self.received: list[bytes] = []
 
     def send(self, data: bytes) -> None:
@@ -699,13 +699,19 @@ class Stack:
     def connects(self, src: str, dst: str, port: int) -> bool:
         return tcp_reachable(self.pair.client, src, dst, port)
 
-    def udp(self, src: str, v6: bool = False) -> UdpPeer:
-        return UdpPeer(self.pair.client, src, self.addrs(v6)[0], CONTROL_PORT)
+    def udp(self, src: str, v6: bool = False, sport: int = 0) -> UdpPeer:
+        return UdpPeer(self.pair.client, src, self.addrs(v6)[0], CONTROL_PORT, sport)
 
-    def knock_once(self, src: str, rid: int, tcp: bool = False, wait: float = 5.0) -> float | None:
+    def knock_once(
+        self, src: str, rid: int, tcp: bool = False, wait: float = 5.0, sport: int = 0
+    ) -> float | None:
         """One single-shot knock (no retransmission) through the oracle codec: seconds from
-        KNOCK to COMEIN, or None if a reply did not come or was not the expected one."""
-        peer: Peer = self.tcp(src) if tcp else self.udp(src)
+        KNOCK to COMEIN, or None if a reply did not come or was not the expected one.
+        ``sport``: the UDP source port (0: the kernel's choice). Knocks in quick succession
+        from one address want distinct ports: a UDP token is a function of the address and
+        port (docs/PROTOCOL.md), so a second knock from the same port within two control
+        timeouts answers a spent token and is refused as a replay."""
+        peer: Peer = self.tcp(src) if tcp else self.udp(src, sport=sport)
         start = time.perf_counter()
         try:
             peer.send(signed(KEY1, KNOCK, USER1, rid))

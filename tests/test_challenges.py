@@ -100,8 +100,8 @@ def test_replayed_response_is_refused_and_the_record_forgets_old_epochs() -> Non
     ch = Challenger(os.urandom, T, 0.0)
     _, response = knock_then_response(ch, 1.0)
     op, tok, epoch = answers(ch, response, 1.5)
-    assert ch.consume(tok, epoch, 1.5)
-    assert not ch.consume(tok, epoch, 1.6)  # same token again
+    assert ch.consume(tok, epoch, 1.5, response.auth)
+    assert not ch.consume(tok, epoch, 1.6, response.auth)  # the same RESPONSE again
     assert ch.used == 1
     ch.advance(2 * T + 0.1)  # two epochs on: the token can no longer match, record dropped
     assert ch.used == 0 and answers(ch, response, 2 * T + 0.1) is None
@@ -115,26 +115,31 @@ def test_full_record_rotates_early_and_outstanding_tokens_die() -> None:
     for peer in peers[1:4]:
         _, response = knock_then_response(ch, 1.0, peer=peer)
         _, tok, epoch = answers(ch, response, 1.1, peer)
-        assert ch.consume(tok, epoch, 1.1)
+        assert ch.consume(tok, epoch, 1.1, response.auth)
     assert ch.used == 3 and ch.rotations == 0
     _, response = knock_then_response(ch, 1.0, peer=peers[4])
     _, tok, epoch = answers(ch, response, 1.2, peers[4])
-    assert ch.consume(tok, epoch, 1.2)  # accepted: its secret is gone, it can never recur
+    assert ch.consume(tok, epoch, 1.2, response.auth)  # accepted: its secret is gone
     assert ch.rotations == 1 and rotated == [1] and ch.used == 0
     assert answers(ch, pending, 1.3, peers[0]) is None  # outstanding tokens died
     assert answers(ch, response, 1.3, peers[4]) is None  # the spent one cannot be replayed
 
 
-def test_a_second_knock_from_the_same_address_and_port_in_the_window_is_a_replay() -> None:
-    """The token is a function of (epoch, peer, user, resource, operation): a client that
-    knocks twice from one source port within a token's window reuses the token, and the
-    second RESPONSE counts as a replay (clients use a fresh source port per knock)."""
+def test_a_second_knock_from_the_same_port_in_the_window_is_not_a_replay() -> None:
+    """The token is a function of (epoch, peer, user, resource, operation): two knocks from
+    one source port within a window share it. The second RESPONSE has a MAC of its own
+    (only a key holder can make one), so it is accepted; replaying either RESPONSE is not,
+    and at most PER_TOKEN distinct RESPONSEs are accepted per token."""
+    from fastknock.knockd.challenges import PER_TOKEN
+
     ch = Challenger(os.urandom, T, 0.0)
-    _, first = knock_then_response(ch, 1.0)
-    _, second = knock_then_response(ch, 2.0)
-    a, b = answers(ch, first, 1.1), answers(ch, second, 2.1)
-    assert a is not None and b is not None and a[1] == b[1]
-    assert ch.consume(a[1], a[2], 1.1) and not ch.consume(b[1], b[2], 2.1)
+    responses = [knock_then_response(ch, 1.0 + i / 10)[1] for i in range(PER_TOKEN + 1)]
+    matches = [answers(ch, r, 1.7) for r in responses]
+    assert all(m is not None for m in matches) and len({m[1] for m in matches}) == 1
+    spent = [ch.consume(m[1], m[2], 1.8, r.auth) for m, r in zip(matches, responses, strict=True)]
+    assert spent == [True] * PER_TOKEN + [False]
+    for m, r in zip(matches[:2], responses[:2], strict=True):
+        assert not ch.consume(m[1], m[2], 1.9, r.auth)  # replays of spent RESPONSEs
 
 
 def test_secrets_never_repeat_across_restarts() -> None:

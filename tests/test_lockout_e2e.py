@@ -99,9 +99,13 @@ def _spoofed_sources_route_back(stack: Stack) -> None:
     )
 
 
+_ports = iter(range(30000, 40000))
+
+
 def legit_knocks(stack: Stack, n: int, src: str) -> int:
-    """``n`` single-shot knocks (no retransmission) from ``src``: how many got COMEIN."""
-    return sum(stack.knock_once(src, RES.id) is not None for _ in range(n))
+    """``n`` single-shot knocks (no retransmission) from ``src``, each from a source port of
+    its own (``Stack.knock_once``): how many got COMEIN."""
+    return sum(stack.knock_once(src, RES.id, sport=next(_ports)) is not None for _ in range(n))
 
 
 def test_a_knock_replayed_from_1000_addresses_locks_nobody_out() -> None:

@@ -20,11 +20,16 @@ epochs, KNOCK and REVOKE (a RESPONSE does not say which): at most four HMACs for
 tokens and four MAC verifications, all evaluated (constant-time compares, no early exit).
 Only a match creates state (``Endpoint``), and then the session is full-auth.
 
-Replay: a matched token is recorded as used; a second RESPONSE for it (the same bytes or
-another) is refused. The record is bounded (``max_used``) and forgets a token when its
-epoch leaves the window; when it is full the secrets rotate early (outstanding tokens die:
-in-flight clients fail once and knock again) rather than refuse or forget. The secrets
-are never stored, so tokens never repeat across restarts.
+Replay: a matched RESPONSE is recorded (its token and its AUTH); the same RESPONSE again is
+refused, so a captured one never causes a second firewall change. Another RESPONSE for the
+same token has a MAC of its own, which only a key holder can make: it is a new knock by
+the same user from the same address *and port* within the window (a client, or a NAT,
+reusing a source port), and is accepted -- at most ``PER_TOKEN`` times per token. (Refusing
+it would fail such knocks at random: the birthday odds of two of 50 knocks from one
+address sharing an ephemeral port are about 4 %.) The record is bounded (``max_used``) and
+forgets a token when its epoch leaves the window; when it is full the secrets rotate early
+(outstanding tokens die: in-flight clients fail once and knock again) rather than refuse
+or forget. The secrets are never stored, so tokens never repeat across restarts.
 
 Wire-compatible: the client cannot tell a computed token from a random one (both are 32
 bytes it echoes under its own MAC), and letmein's client keeps no state beyond it.
@@ -41,6 +46,7 @@ from fastknock.protocol import Rand
 
 SECRET_SIZE = 32
 DEFAULT_MAX_USED = 4096
+PER_TOKEN = 4  # distinct RESPONSEs (fresh MACs) accepted for one token
 _OPS = (Operation.KNOCK, Operation.REVOKE)
 _PAD = bytes(14)
 
@@ -82,7 +88,8 @@ class Challenger:
         self.epoch = 0
         self.current = HmacKey(self._rand(SECRET_SIZE))
         self.previous: HmacKey | None = None
-        self._used: dict[bytes, int] = {}  # token -> epoch it was issued in
+        self._used: dict[bytes, int] = {}  # token + AUTH of a spent RESPONSE -> its epoch
+        self._per_token: dict[bytes, int] = {}  # token -> RESPONSEs spent on it
 
     @property
     def next_rotation(self) -> float:
@@ -98,6 +105,9 @@ class Challenger:
         self.epoch += passed
         oldest = self.epoch - 1
         self._used = {t: e for t, e in self._used.items() if e >= oldest}
+        self._per_token = {}
+        for t in self._used:
+            self._per_token[t[:32]] = self._per_token.get(t[:32], 0) + 1
         if self._on_rotate is not None:
             self._on_rotate()
 
@@ -133,16 +143,19 @@ class Challenger:
             return None
         return Operation(found_op), found, found_epoch
 
-    def consume(self, tok: bytes, epoch: int, now: float) -> bool:
-        """Record ``tok`` as used; False if it was used before (a replay)."""
-        if tok in self._used:
+    def consume(self, tok: bytes, epoch: int, now: float, auth: bytes) -> bool:
+        """Record the RESPONSE (``tok`` and its ``auth``) as spent; False if this very
+        RESPONSE was spent before (a replay) or its token has had ``PER_TOKEN`` already."""
+        entry = tok + auth
+        if entry in self._used or self._per_token.get(tok, 0) >= PER_TOKEN:
             return False
         if len(self._used) >= self.max_used:
             # Full: new secrets. This token's secret is gone with the rest, so it can never
             # match again and needs no record; every other outstanding token dies.
             self.rotate_now(now)
             return True
-        self._used[tok] = epoch
+        self._used[entry] = epoch
+        self._per_token[tok] = self._per_token.get(tok, 0) + 1
         return True
 
     @property

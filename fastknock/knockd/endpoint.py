@@ -229,7 +229,7 @@ class Endpoint:
             self._cap_hit("udp", budget, key, now)
             return
         op, tok, epoch = match
-        if not self.challenger.consume(tok, epoch, now):
+        if not self.challenger.consume(tok, epoch, now, msg.auth):
             budget.release(key)
             self._stateless(self.core.refuse(Outcome.REPLAY, msg), key, addr)
             return
