@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target "ipc": the fastknockd <-> fastknockfwd codec, ``fastknock.ipc``.
 
 Invariant: for any bytes, ``decode_request`` returns a ``FwRequest`` or raises

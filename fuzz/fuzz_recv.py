@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target "recv": fastknockd's batched UDP reader on real loopback sockets, C vs Python.
 
 Invariant: for any sequence of datagrams sent over 127.0.0.1 (or to a dual-stack socket),
