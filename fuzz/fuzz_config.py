@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target "config": ``fastknock.conf.config.parse_config`` in both roles.
 
 Invariant: for any bytes and either role ("server", "client"), ``parse_config`` returns a

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target "ipc": the fastknockd <-> fastknockfwd codec, ``fastknock.ipc``.
 
 Invariant: for any bytes, ``decode_request`` returns a ``FwRequest`` or raises
@@ -65,23 +66,25 @@ def one(data: bytes) -> None:
 
 
 def seeds() -> Iterator[bytes]:
-    """Valid requests (each operation, IPv4, IPv6, IPv4-mapped, extreme ids and addresses),
-    near-misses of the fixed header, and every reply."""
+    """Valid requests (each operation, IPv4, IPv6, IPv4-mapped, extreme ids, addresses and
+    deadlines), near-misses of the fixed header (a version-1 size, deadline 0), and every
+    reply. Deadlines are explicit, so the seeds do not depend on the clock."""
     addrs = ("127.0.0.1", "192.0.2.7", "0.0.0.0", "255.255.255.255", "::1", "2001:db8::7",
              "ff02::1", "::ffff:198.51.100.9")  # fmt: skip
     for op in FwOp:
         for addr in addrs:
-            for user, resource in ((1, 2), (0, 0xFFFFFFFF)):
+            for user, resource, deadline in ((1, 2, 10_000), (0, 0xFFFFFFFF, 2**64 - 1)):
                 ip = ipaddress.ip_address(addr)
-                req = encode_request(FwRequest(op, user, resource, ip, bytes(range(32))))
+                req = encode_request(FwRequest(op, user, resource, ip, bytes(range(32)), deadline))
                 yield req
                 if ip.version == 6:  # the mapped form as bytes, not as encode writes it
                     yield req[:6] + b"\x06" + req[7:16] + ip.packed + req[32:]
     good = encode_request(FwRequest(FwOp.INSTALL, 1, 2, ipaddress.ip_address("10.0.0.1"),
-                                    bytes(32)))  # fmt: skip
-    for index, value in ((0, 0), (4, 2), (5, 3), (6, 5), (7, 1), (20, 1)):
+                                    bytes(32), 1))  # fmt: skip
+    for index, value in ((0, 0), (4, 1), (4, 3), (5, 3), (6, 5), (7, 1), (20, 1), (71, 0)):
         yield good[:index] + bytes([value]) + good[index + 1 :]
-    yield good[:63]
+    yield good[:64]
+    yield good + b"\0"
     for status in FwStatus:
         yield encode_reply(status)
     yield encode_reply(FwStatus.ACK)[:7] + b"\x01"

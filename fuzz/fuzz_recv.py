@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target "recv": fastknockd's batched UDP reader on real loopback sockets, C vs Python.
 
 Invariant: for any sequence of datagrams sent over 127.0.0.1 (or to a dual-stack socket),
@@ -5,9 +6,11 @@ with any reader settings and any sessions the endpoint opens and ends as datagra
 handed up, the C reader (``fastknock.knockd._recv`` + the C key ring) and the pure-Python
 reference (``_recv_py`` + the Python key ring) return the same counts from every
 ``drain()``, the same counters from every ``take()``, hand up the same datagrams with the
-same addresses in the same order, and leave the endpoint with the same sessions; neither
-raises. The reference decides one datagram at a time, the C reader a batch of 64 at once:
-this is the check that batching changes nothing a peer or an operator can see.
+same addresses in the same order, send the same replies (the CHALLENGEs a reader answers a
+granted KNOCK with itself) to the same clients in the same order, and leave the endpoint
+with the same sessions; neither raises. The reference decides one datagram at a time, the
+C reader a batch of 64 at once: this is the check that batching changes nothing a peer or
+an operator can see.
 
 Each execution gets fresh readers and endpoints over sockets reused between executions (a
 socket per family and implementation, four clients), all bound to loopback. Every datagram
@@ -15,21 +18,27 @@ goes to both servers from the same client, so both see the same sources in the s
 
 Input layout (a byte stream; missing bytes read as zero):
   byte 0: bit 0 dual-stack server (else IPv4), bit 1 pass_rejects, bits 2-3 budget - 1,
-          bit 4 a custom allowed_ops mask from the next byte (else FIRST_OPS)
+          bit 4 a custom allowed_ops mask from the next byte (else FIRST_OPS), bit 5
+          challenge secrets set (epoch: the next byte), bit 6 a previous secret too, bit 7
+          (USER, RESOURCE) granted (so the readers answer its KNOCKs themselves)
   then up to 4 rounds, each: a byte r -- (r & 0x7F) + 1 datagrams; bit 7: every session
   times out first -- then per datagram a byte d -- client d & 3, kind (d >> 2) & 7, the
   endpoint's action when it is handed up d >> 5 -- and 2 salt bytes (kinds 0-5, 7) or a
   length and that many bytes (kind 6, raw). After a round: drain until a drain reads
   nothing, then compare.
-  Kinds: 0 KNOCK, 1 REVOKE, 2 RESPONSE-shaped (unsigned), 3 KNOCK with a bad MAC,
-  4 unknown user, 5 bad magic, 6 raw bytes (0-100 of them), 7 signed CHALLENGE.
+  Kinds: 0 KNOCK, 1 REVOKE, 2 RESPONSE signed over a token chosen by the first salt byte
+  (& 3: this epoch's KNOCK token for the sender, the previous epoch's REVOKE token, zeros,
+  another client's token), 3 KNOCK with a bad MAC, 4 unknown user, 5 bad magic, 6 raw
+  bytes (0-100 of them), 7 signed CHALLENGE.
   Actions: 1 and 4 open a session for the peer, 2 ends the peer's session, 5 ends the
   oldest other session, 3 makes the handler raise (a bug in it: counted, never fatal);
   others do nothing.
 
 Reader API: ``handler(data, key, addr)``, and the endpoint ``track()``s a peer key when a
-session starts and ``untrack()``s it when one ends (``Endpoint`` below is the only code
-that knows the API). The handed-up keys are compared too: the C reader builds them from
+session starts and ``untrack()``s it when one ends; ``set_secrets(current, epoch,
+previous)`` and ``set_grants`` for the stateless challenges (``Endpoint`` below is the only
+code that knows the API; each reader gets the secrets as its own implementation's
+``HmacKey``). The handed-up keys are compared too: the C reader builds them from
 the ``sockaddr``, the reference with ``knockd.peer.key_of``.
 """
 
@@ -49,6 +58,8 @@ with atheris.instrument_imports():
     from fastknock._wire_py import pack
     from fastknock.knockd import _recv, _recv_py
     from fastknock.knockd._recv_py import COUNTERS
+    from fastknock.knockd.challenges import token
+    from fastknock.knockd.peer import key_of
     from fastknock.message import MAGIC, Operation
     from fastknock.protocol import FIRST_OPS
 
@@ -56,7 +67,10 @@ logging.getLogger("fastknockd").disabled = True  # the handler's deliberate fail
 USER, OTHER_USER, RESOURCE = 0x00000001, 0x00000002, 0x00000022
 KEY = bytes.fromhex("80E9C81DFA4879B2C64910E1B6870DA42DFB82261B76C859F3A0F5A09DEA2A3D")
 SIGNER = _hmac_py.HmacKey(KEY)
-IMPLS = ((_recv, _hmac.KeyRing({USER: KEY})), (_recv_py, _hmac_py.KeyRing({USER: KEY})))
+IMPLS = ((_recv, _hmac), (_recv_py, _hmac_py))  # each reader with its own key ring
+RINGS = tuple(mac.KeyRing({USER: KEY}) for _, mac in IMPLS)
+CURRENT, PREVIOUS = b"c" * 32, b"p" * 32  # the challenge secrets (any 32 bytes)
+SECRET_SIGNERS = (_hmac_py.HmacKey(CURRENT), _hmac_py.HmacKey(PREVIOUS))
 MAX_ROUNDS = 4
 BATCHES = COUNTERS.index("batches")
 
@@ -64,12 +78,18 @@ BATCHES = COUNTERS.index("batches")
 class Endpoint:
     """What the reader hands up to: records it and opens/ends sessions as told."""
 
-    def __init__(self, impl: object, sock: socket.socket, ring: object, actions: dict,
-                 **settings: object) -> None:  # fmt: skip
+    def __init__(self, impl: tuple, ring: object, sock: socket.socket, actions: dict,
+                 secrets: tuple | None, grants: list[int], **settings: object) -> None:  # fmt: skip
+        recv, mac = impl
         self.live: set[bytes] = set()
         self.got: list[tuple[bytes, bytes, tuple]] = []
         self.actions = actions
-        self.reader = impl.Reader(sock, ring, self.handle, **settings)  # type: ignore[attr-defined]
+        self.reader = recv.Reader(sock, ring, self.handle, **settings)
+        if secrets is not None:
+            epoch, previous = secrets
+            prev = mac.HmacKey(PREVIOUS) if previous else None
+            self.reader.set_secrets(mac.HmacKey(CURRENT), epoch, prev)
+        self.reader.set_grants(grants)
 
     def handle(self, data: bytes, key: bytes, addr: tuple) -> None:
         self.got.append((data, key, addr))
@@ -106,7 +126,10 @@ class Net:
         for _ in range(4):
             c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             c.bind(("127.0.0.1", 0))
+            c.setblocking(False)
             self.clients.append(c)
+        # The peer key each reader sees for each client (IPv4 peers are always mapped).
+        self.keys = [key_of(c.getsockname()) for c in self.clients]
 
     @staticmethod
     def _server(family: int) -> socket.socket:
@@ -127,6 +150,19 @@ class Net:
                 sock.recv(128)
             except BlockingIOError:
                 return
+
+    def replies(self, ports: list[int]) -> list[list[tuple[int, bytes]]]:
+        """What each server sent back, per server port: [(client index, datagram)]."""
+        out: list[list[tuple[int, bytes]]] = [[] for _ in ports]
+        for index, client in enumerate(self.clients):
+            while True:
+                try:
+                    data, addr = client.recvfrom(128)
+                except BlockingIOError:
+                    break
+                if addr[1] in ports:
+                    out[ports.index(addr[1])].append((index, data))
+        return out
 
 
 NET = Net()
@@ -149,7 +185,7 @@ class Stream:
 
 
 @atheris.instrument_func
-def datagram(kind: int, stream: Stream, seq: int) -> bytes:
+def datagram(kind: int, stream: Stream, seq: int, client: int, epoch: int) -> bytes:
     if kind == 6:
         return stream.take(stream.byte() % 101)
     salt = seq.to_bytes(2, "big") + stream.take(2) + bytes(4)  # unique per execution
@@ -157,10 +193,19 @@ def datagram(kind: int, stream: Stream, seq: int) -> bytes:
         kind, Operation.KNOCK
     )
     user = OTHER_USER if kind == 4 else USER
-    auth = SIGNER.sign(op, user, RESOURCE, salt)
+    challenge = bytes(32)
     if kind == 2:
-        auth = bytes(32)
-    elif kind == 3:
+        which = salt[2] & 3
+        peer = NET.keys[(client + 1) % 4 if which == 3 else client]
+        if which != 2:
+            secret, e, knocked = (
+                (SECRET_SIGNERS[0], epoch, Operation.KNOCK)
+                if which != 1
+                else (SECRET_SIGNERS[1], epoch - 1, Operation.REVOKE)
+            )
+            challenge = token(secret, e, knocked, user, RESOURCE, peer)  # type: ignore[arg-type]
+    auth = SIGNER.sign(op, user, RESOURCE, salt, challenge)
+    if kind == 3:
         auth = bytes([auth[0] ^ 1]) + auth[1:]
     data = pack(op, user, RESOURCE, salt, auth)
     if kind == 5:
@@ -204,16 +249,19 @@ def one(data: bytes) -> None:
         "budget": ((flags >> 2) & 3) + 1,
         "allowed_ops": stream.byte() & 0x3F if flags & 0x10 else FIRST_OPS,
     }
+    epoch = stream.byte() if flags & 0x20 else 0
+    secrets = (epoch, bool(flags & 0x40)) if flags & 0x20 else None
+    grants = [USER << 32 | RESOURCE] if flags & 0x80 else []
     servers = NET.servers[family]
-    for sock in servers:
+    for sock in (*servers, *NET.clients):
         NET.empty(sock)
     actions: dict[bytes, int] = {}
     ends = [
-        Endpoint(impl, sock, ring, actions, **settings)
-        for (impl, ring), sock in zip(IMPLS, servers, strict=True)
+        Endpoint(impl, ring, sock, actions, secrets, grants, **settings)
+        for impl, ring, sock in zip(IMPLS, RINGS, servers, strict=True)
     ]
-    dests = [sock.getsockname()[:2] for sock in servers]
-    dests = [("127.0.0.1", port) for _, port in dests]
+    ports = [sock.getsockname()[1] for sock in servers]
+    dests = [("127.0.0.1", port) for port in ports]
     seq = 0
     for _round in range(MAX_ROUNDS):
         if not stream.more():
@@ -226,7 +274,7 @@ def one(data: bytes) -> None:
         for _ in range((header & 0x7F) + 1):
             d = stream.byte()
             seq += 1
-            payload = datagram((d >> 2) & 7, stream, seq)
+            payload = datagram((d >> 2) & 7, stream, seq, d & 3, epoch)
             actions[payload] = d >> 5
             client = NET.clients[d & 3]
             for dest in dests:
@@ -235,6 +283,8 @@ def one(data: bytes) -> None:
         harness.add_units(sum(counts[BATCHES] for _, counts in c_drains))
         # What a peer can see first (which datagrams reach the protocol), then the rest.
         handed_up(ends[0].got, ends[1].got)
+        c_replies, py_replies = NET.replies(ports)
+        same("replies sent", c_replies, py_replies)
         same("sessions", ends[0].sessions(), ends[1].sessions())
         same("drain() counts", [n for n, _ in c_drains], [n for n, _ in py_drains])
         for (_, c_counts), (_, py_counts) in zip(c_drains, py_drains, strict=True):
@@ -266,6 +316,14 @@ def seeds() -> Iterator[bytes]:
     for flags in (0, 1, 2, 3, 0x0C):
         yield bytes([flags, 63]) + every
     yield b"\x10\x3f\x03" + dgram(0, 7, 1) + dgram(0, 0, 0) + dgram(1, 1, 0) + dgram(2, 3, 0)
+    # Stateless challenges: granted KNOCKs answered by the reader, then RESPONSEs over each
+    # kind of token (salt byte & 3), in one batch and in the next; both epochs; no grant.
+    responses = b"".join(dgram(c, 2, 1, which) for c in range(4) for which in range(4))
+    for flags in (0xA0, 0xE0, 0x60, 0xA1, 0xE3):
+        for epoch in (0, 1, 255):
+            knocks = dgram(0, 0, 0) + dgram(1, 1, 0) + dgram(2, 0, 1)
+            yield bytes([flags, epoch, 2]) + knocks + bytes([15]) + responses
+            yield bytes([flags, epoch, 18]) + knocks + responses
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target "wire": the 56-byte codec and the fused first-datagram check, C vs Python.
 
 Invariant: for any bytes, ``fastknock._wire`` and ``fastknock._wire_py`` give the same

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import unicodedata
+from collections.abc import Callable
 
 import pytest
 
@@ -127,22 +128,48 @@ def signed(op: int = 0) -> bytes:
     return pack(op, 1, 0x22, salt, auth)
 
 
+SECRET = b"s" * 32  # the readers' challenge secret in these tests (epoch 0, none before)
+
+
+def response_for(peer: bytes) -> bytes:
+    """A RESPONSE from user 1 answering the stateless CHALLENGE its KNOCK from ``peer``
+    (an 18-byte peer key) gets in epoch 0 under ``SECRET``."""
+    from fastknock._hmac_py import HmacKey
+    from fastknock._wire_py import pack
+    from fastknock.knockd.challenges import token
+
+    tok = token(HmacKey(SECRET), 0, 0, 1, 0x22, peer)  # type: ignore[arg-type]
+    salt = os.urandom(8)
+    return pack(2, 1, 0x22, salt, HmacKey(RECV_KEY).sign(2, 1, 0x22, salt, tok))
+
+
+Datagram = bytes | Callable[[bytes], bytes]  # or made from the sender's peer key
+
+
 def run_reader(
-    impl: tuple[str, str, str], rounds: list[list[tuple[int, bytes]]], actions: dict[bytes, str]
+    impl: tuple[str, str, str],
+    rounds: list[list[tuple[int, Datagram]]],
+    actions: dict[Datagram, str],
+    challenges: bool = False,
 ) -> tuple[list[bytes], dict[str, int]]:
     """Send each round's (client, datagram) over loopback, drain once per round; returns
     the handed-up datagrams and the summed counters. The endpoint opens (``track``) or
-    ends (``untrack``) the sender's session when ``actions`` says so for a datagram."""
+    ends (``untrack``) the sender's session when ``actions`` says so for a datagram. With
+    ``challenges`` the reader has a secret and grants (user 1, resource 0x22), so it
+    answers that KNOCK itself with a stateless CHALLENGE."""
+    from fastknock.knockd.peer import key_of
+
     _, recv_name, mac_name = impl
     recv, mac = importlib.import_module(recv_name), importlib.import_module(mac_name)
     got: list[bytes] = []
     reader: object = None
+    todo = dict(actions)
 
     def handler(data: bytes, key: bytes, addr: tuple) -> None:
         got.append(data)
-        if actions.get(data) == "open":
+        if todo.get(data) == "open":
             reader.track(key)  # type: ignore[attr-defined]
-        elif actions.get(data) == "end":
+        elif todo.get(data) == "end":
             reader.untrack(key)  # type: ignore[attr-defined]
 
     totals = dict.fromkeys(recv.COUNTERS, 0)
@@ -150,10 +177,22 @@ def run_reader(
         srv.bind(("127.0.0.1", 0))
         srv.setblocking(False)
         reader = recv.Reader(srv, mac.KeyRing({1: RECV_KEY}), handler)
+        if challenges:
+            reader.set_secrets(mac.HmacKey(SECRET), 0, None)  # type: ignore[attr-defined]
+            reader.set_grants([1 << 32 | 0x22])  # type: ignore[attr-defined]
         clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
         try:
+            for c in clients:
+                c.bind(("127.0.0.1", 0))
             for batch in rounds:
-                for client, data in batch:
+                for client, item in batch:
+                    data = (
+                        item
+                        if isinstance(item, bytes)
+                        else item(key_of(clients[client].getsockname()))
+                    )
+                    if item in actions:
+                        todo[data] = actions[item]
                     clients[client].sendto(data, srv.getsockname())  # loopback: queued now
                 assert reader.drain() == len(batch)  # type: ignore[attr-defined]
                 for name, value in zip(recv.COUNTERS, reader.take(), strict=True):  # type: ignore[attr-defined]
@@ -210,3 +249,38 @@ def test_live_hit_counted_within_one_batch(impl: tuple[str, str, str]) -> None:
     first, second = signed(), signed()
     got, counts = run_reader(impl, [[(0, first), (0, second)]], {first: "open"})
     assert got == [first, second] and counts["live_hits"] == 1
+
+
+@pytest.mark.parametrize("impl", RECV_IMPLS, ids=[i[0] for i in RECV_IMPLS])
+def test_knock_after_a_session_start_in_a_later_batch_is_handed_up(
+    impl: tuple[str, str, str],
+) -> None:
+    """Control for the next test: a RESPONSE starts a session; the peer's granted KNOCK in
+    the next batch belongs to it (handed up), on both readers; a KNOCK from a peer
+    without a session is answered by the reader itself."""
+    knock = signed()
+    got, counts = run_reader(
+        impl, [[(1, signed())], [(0, response_for)], [(0, knock)]], {response_for: "open"},
+        challenges=True,
+    )  # fmt: skip
+    assert len(got) == 2 and got[1] == knock
+    assert counts["challenged"] == 1 and counts["live_hits"] == 1
+
+
+# Found by fuzz_recv (not in issue 12): the C reader decided "answer with a CHALLENGE" for
+# a granted KNOCK/REVOKE while it classified the whole batch (and sent the CHALLENGEs before
+# handing anything up), and drain() excluded that verdict from its re-check of the live
+# set. So a KNOCK from a peer whose session started earlier in the same batch got a
+# stateless CHALLENGE from C, where the one-by-one reference hands it up to the session
+# (fixed in d58b964: the CHALLENGE is cancelled and the KNOCK handed up).
+@pytest.mark.parametrize("impl", RECV_IMPLS, ids=[i[0] for i in RECV_IMPLS])
+def test_knock_after_a_session_start_in_the_same_batch_is_handed_up(
+    impl: tuple[str, str, str],
+) -> None:
+    knock = signed()
+    got, counts = run_reader(
+        impl, [[(1, signed())], [(0, response_for), (0, knock)]], {response_for: "open"},
+        challenges=True,
+    )  # fmt: skip
+    assert len(got) == 2 and got[1] == knock
+    assert counts["challenged"] == 1
