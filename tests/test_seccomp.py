@@ -64,6 +64,37 @@ def test_forbidden_syscall_kills_in_kill_mode(forbidden: str) -> None:
     assert proc.returncode == -signal.SIGSYS
 
 
+@pytest.mark.parametrize("call", ["getpid()", "personality(0xFFFFFFFF)"])
+def test_a_thread_started_before_the_filter_is_filtered_too(call: str) -> None:
+    """A thread started before the filter is installed (an executor thread, a C receive
+    thread) is covered too (TSYNC). Control: the same thread making an allowed call lives on."""
+    code = textwrap.dedent(
+        f"""
+        import ctypes, threading
+        from fastknock.osutil import seccomp
+        go, done = threading.Event(), threading.Event()
+        def early():
+            go.wait()
+            ctypes.CDLL(None).{call}  # personality(0xFFFFFFFF) only asks: harmless if let through
+            done.set()
+        t = threading.Thread(target=early); t.start()
+        seccomp.install("kill", "server")
+        go.set(); done.wait(10); t.join()
+        print("survived", flush=True)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    if call == "getpid()":
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["survived"]
+    else:
+        assert proc.returncode == -signal.SIGSYS
+        assert proc.stdout == ""
+
+
 def test_log_mode_only_logs() -> None:
     proc = run_child(
         "import ctypes; ctypes.CDLL(None).ptrace(0, 0, 0, 0)\nprint('survived')", mode="log"

@@ -21,7 +21,8 @@
  *   replay     the captured valid KNOCK --knock (112 hex digits), identical every time
  *   response   a RESPONSE for a known --user/--resource with a random SALT and AUTH (a
  *              forged answer to a CHALLENGE nobody got)
- * Prints "sent=N seconds=T rate=R" on stdout.
+ * Prints "sent=N seconds=T rate=R errors=E cpu=C" on stdout (C: its own user + system CPU
+ * seconds, getrusage: with a veth that includes the receiving side's softirq work).
  *
  * drain: a dual-stack UDP socket on --port drained with recvmmsg (64 per call, blocking
  * for the first): the receive capacity reference. Prints "received=N seconds=T".
@@ -36,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <time.h>
@@ -203,7 +205,11 @@ static int do_send(int argc, char **argv) {
         t = now();
     }
     double took = now() - start;
-    printf("sent=%llu seconds=%.3f rate=%.0f errors=%llu\n", sent, took, sent / took, errors);
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf("sent=%llu seconds=%.3f rate=%.0f errors=%llu cpu=%.6f\n", sent, took, sent / took,
+           errors, ru.ru_utime.tv_sec + ru.ru_stime.tv_sec
+                       + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6);
     return 0;
 }
 

@@ -62,6 +62,8 @@ USER = 0x00000001
 KEY = bytes.fromhex("80E9C81DFA4879B2C64910E1B6870DA42DFB82261B76C859F3A0F5A09DEA2A3D")
 RES = 0x00000022
 MODES = ("junk", "wrongsize", "forged", "replay", "replay-many", "response")
+PATHS = ("batched", "workers", "protocol", "py", "drain", "rss", "prefilter", "baseline")
+BASELINE = " [base]"  # the label suffix of the --baseline tree's rows
 SPOOF_BASE = "10.99.0.1"  # --sources: spoofed sources from here on, routed back to the client
 FILL = "prefilter-fill"  # junk from FILL_SOURCES spoofed sources, then half from a fresh one
 FILL_SOURCES = 70_000
@@ -153,11 +155,15 @@ class Bench:
     # -- processes (ours only, stopped by PID) --
 
     def _spawn(
-        self, name: str, argv: Sequence[str], env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        tree: Path = REPO,
     ) -> subprocess.Popen[bytes]:
         self._n += 1
         log = open(self.work / f"{name}.{self._n}.log", "wb")  # noqa: SIM115
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        full_env = {**os.environ, "PYTHONPATH": str(tree), **(env or {})}
         full_env.pop("NOTIFY_SOCKET", None)
         return netns.popen(
             self.pair.server,
@@ -165,7 +171,7 @@ class Bench:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=full_env,
-            cwd=str(REPO),
+            cwd=str(tree),
         )
 
     @staticmethod
@@ -208,7 +214,9 @@ class Bench:
         table = netns.nft(self.pair.server, "list", "table", "inet", "filter")
         assert ("chain fastknock-prefilter" in table) == prefilter, table
 
-    def start_server(self, path: str, workers: int = 1, py: bool = False) -> None:
+    def start_server(
+        self, path: str, workers: int = 1, py: bool = False, tree: Path = REPO
+    ) -> None:
         self._stop(self.server)
         argv = [
             sys.executable,
@@ -227,7 +235,7 @@ class Bench:
             str(workers),
         ]
         env = {"FASTKNOCK_NO_EXTENSIONS": "1"} if py else {}
-        self.server = self._spawn("fastknockd", argv, env)
+        self.server = self._spawn("fastknockd", argv, env, tree)
         log = self.work / f"fastknockd.{self._n}.log"
         self._wait(
             "fastknockd", lambda: log.read_text().count("listening on port") >= workers, self.server
@@ -474,6 +482,17 @@ def main() -> int:
         default=1000,
         help="spoofed source addresses of the replay-many mode (default: 1000)",
     )
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="another tree (e.g. a checkout of main, extensions built): its batched rows "
+        "run in the same run, for before/after ratios",
+    )
+    ap.add_argument(
+        "--paths",
+        default=",".join(PATHS),
+        help=f"receive paths to measure, comma-separated (default: all of {','.join(PATHS)})",
+    )
     args = ap.parse_args()
     if netns.missing() or shutil.which("cc") is None:
         print(f"bench/flood needs root, nft, ip and cc: {netns.missing() or 'no cc'}")
@@ -511,25 +530,36 @@ def main() -> int:
             fill_summary(rows)
             return 0
         bench.start_fwd(prefilter=False)
-        paths = [
-            ("batched", "batched", 1, False),
-            ("uvloop DatagramProtocol", "protocol", 1, False),
-            ("pure-Python fallback", "batched", 1, True),
-        ]
-        if args.workers > 1:
-            paths.append((f"batched x{args.workers} workers", "batched", args.workers, False))
-        for label, path, workers, py in paths:
-            bench.start_server(path, workers, py)
+        want = set(args.paths.split(","))
+        paths = []
+        for tree, tag in ((REPO, ""), (args.baseline, BASELINE)):
+            if tree is None or (tag and "baseline" not in want):
+                continue
+            if "batched" in want:
+                paths.append(("batched" + tag, "batched", 1, False, tree))
+            if "workers" in want and args.workers > 1:
+                label = f"batched x{args.workers} workers{tag}"
+                paths.append((label, "batched", args.workers, False, tree))
+        if "protocol" in want:
+            paths.append(("uvloop DatagramProtocol", "protocol", 1, False, REPO))
+        if "py" in want:
+            paths.append(("pure-Python fallback", "batched", 1, True, REPO))
+        for label, path, workers, py, tree in paths:
+            bench.start_server(path, workers, py, tree)
             for mode in modes:
                 rows.append(bench.measure(label, mode, False, bench.server_pids(), args.knocks))
-        for mode in modes:
-            rows.append(bench.drain_reference(mode))
-        bench.start_server("batched")
-        rss = bench.rss_replay()
-        bench.start_fwd(prefilter=True)
-        bench.start_server("batched")
-        for mode in modes:
-            rows.append(bench.measure("batched", mode, True, bench.server_pids(), args.knocks))
+        if "drain" in want:
+            for mode in modes:
+                rows.append(bench.drain_reference(mode))
+        rss = None
+        if "rss" in want:
+            bench.start_server("batched")
+            rss = bench.rss_replay()
+        if "prefilter" in want:
+            bench.start_fwd(prefilter=True)
+            bench.start_server("batched")
+            for mode in modes:
+                rows.append(bench.measure("batched", mode, True, bench.server_pids(), args.knocks))
         bench._stop(bench.server)
         bench._stop(bench.fwd)
         summary(rows, rss)
@@ -575,7 +605,7 @@ def fill_summary(rows: list[Row]) -> None:
         )
 
 
-def summary(rows: list[Row], rss: tuple[int, int, int, int]) -> None:
+def summary(rows: list[Row], rss: tuple[int, int, int, int] | None) -> None:
     def get(path: str, mode: str, pf: bool = False) -> Row | None:
         found = [r for r in rows if r.path == path and r.mode == mode and r.prefilter == pf]
         return found[0] if found else None
@@ -584,6 +614,27 @@ def summary(rows: list[Row], rss: tuple[int, int, int, int]) -> None:
         "\nRatios (same run): absorbed datagrams/s; absorbed share of what was sent (the"
         " generator's rate varies row to row); CPU per datagram (lower is better)"
     )
+    labels = sorted(
+        {r.path for r in rows if r.path.startswith("batched ") or r.path == "batched"}
+        - {"batched (RSS)"}
+    )
+    print("\nCPU per datagram, each batched row / the C recvmmsg drain (same run):")
+    for mode in MODES:
+        d = get("C recvmmsg drain", mode)
+        cells = [f"{lb} {r.cost / d.cost:5.2f}x" for lb in labels if d and (r := get(lb, mode))]
+        if cells:
+            print(f"  {mode:<11} " + "  ".join(cells))
+    if any(BASELINE in lb for lb in labels):
+        print("\nBefore/after (same run): legit OK, p50/p99 ms, CPU us/dg; base -> this tree")
+        for mode in MODES:
+            for lb in labels:
+                new, old = get(lb, mode), get(lb + BASELINE, mode)
+                if new and old and BASELINE not in lb:
+                    print(
+                        f"  {mode:<11} {lb:<20} {old.ok}/{old.knocks} {old.pct(0.5):.2f}/"
+                        f"{old.pct(0.99):.2f} {old.cost:.2f} -> {new.ok}/{new.knocks} "
+                        f"{new.pct(0.5):.2f}/{new.pct(0.99):.2f} {new.cost:.2f}"
+                    )
     for mode in MODES:
         b = get("batched", mode)
         for other in ("C recvmmsg drain", "uvloop DatagramProtocol", "pure-Python fallback"):
@@ -602,6 +653,8 @@ def summary(rows: list[Row], rss: tuple[int, int, int, int]) -> None:
                 f"  {mode:<11} {off.ok}/{off.knocks} {off.pct(0.5):.2f}/{off.pct(0.99):.2f}"
                 f" -> {on.ok}/{on.knocks} {on.pct(0.5):.2f}/{on.pct(0.99):.2f}"
             )
+    if rss is None:
+        return
     before, after, peak, sent = rss
     print(
         f"\nfastknockd RSS under a replay of a valid KNOCK from 10,000 addresses ({sent} "

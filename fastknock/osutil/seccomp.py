@@ -226,7 +226,8 @@ def forbid_io_uring() -> None:
 
 
 def install(mode: str, profile: Profile) -> None:
-    """Install the filter for ``profile`` in this process (and its future threads).
+    """Install the filter for ``profile`` in every thread of this process (and its future
+    threads).
 
     ``mode``: "off" (nothing), "log" (log forbidden syscalls) or "kill" (kill the process).
     Raises SeccompError when seccomp is requested but libseccomp/pyseccomp is unavailable.
@@ -241,6 +242,9 @@ def install(mode: str, profile: Profile) -> None:
 
     default = sc.KILL_PROCESS if mode == "kill" else sc.LOG
     flt = sc.SyscallFilter(default)
+    # Every thread, also those started before the filter goes in (an executor thread, a C
+    # receive thread): TSYNC, or the load fails.
+    flt.set_attr(sc.Attr.CTL_TSYNC, 1)
     allowed = 0
     for name in syscalls(profile):
         if sc.resolve_syscall(sc.Arch.NATIVE, name) < 0:
