@@ -150,6 +150,7 @@ probe "$CLI" 10.99.1.1 CLOSED
 
 say "a knock with a wrong key gets no answer at all (stealth: UDP + basic-auth)"
 sed "s/^00000001 = .*/00000001 = $(printf 'AB%.0s' $(seq 32))/" "$WORK/fastknock.conf" >"$WORK/bad.conf"
+chmod 600 "$WORK/bad.conf"  # a client config with a key: private, like the real one
 if in_ns "$CLI" "$PY" -m fastknock.cli -c "$WORK/bad.conf" knock 10.99.1.1 2222; then
     echo "demo: the bad key was accepted?!" >&2; exit 1
 fi
