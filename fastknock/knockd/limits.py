@@ -71,11 +71,6 @@ class Limits:
         self._per_source: dict[bytes, int] = {}
         self._per_site: dict[bytes, int] = {}
 
-    # Backwards-compatible names (the caps of -n and -N).
-    @property
-    def max_sessions(self) -> int:
-        return self.max_total
-
     def refusal(self, key: bytes) -> str | None:
         """Which cap a new entry for the peer ``key`` would break ("source", "site", then
         "total": a caller that evicts on "total" knows the entry then fits), or None."""

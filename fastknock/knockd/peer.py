@@ -42,10 +42,6 @@ def key_of_ip(ip: IPAddress, port: int) -> bytes:
     return raw + port.to_bytes(2, "big")
 
 
-def is_v4(key: bytes) -> bool:
-    return key[:12] == _MAPPED
-
-
 def peer_of(key: bytes) -> IPAddress:
     """The peer's address as an ``ipaddress`` object; IPv4-mapped peers are IPv4."""
     return _ip(key[:16])
@@ -58,4 +54,4 @@ def _ip(addr16: bytes) -> IPAddress:
     return ipaddress.IPv6Address(addr16)
 
 
-__all__ = ["KEY_SIZE", "is_v4", "key_of", "key_of_ip", "peer_of"]
+__all__ = ["KEY_SIZE", "key_of", "key_of_ip", "peer_of"]
