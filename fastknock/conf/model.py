@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_CONTROL_PORT",
     "Config",
     "ErrorPolicy",
+    "HooksConfig",
     "JumpResource",
     "NftablesConfig",
     "PortResource",
@@ -55,6 +56,16 @@ class PortResource:
     udp: bool = False
     users: frozenset[int] | None = None  # None: every user in [KEYS] may knock it
     timeout: int | None = None  # seconds; None: [NFTABLES] timeout
+    # fastknock extensions (issue 15): ``port: A-B`` opens A..B inclusive (None: one port);
+    # ``ipv4-prefix: N`` / ``ipv6-prefix: N`` open the knocker's /N instead of its address.
+    port_last: int | None = None
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 128
+
+    @property
+    def ports(self) -> range:
+        """Every port this resource opens (one, or the inclusive range)."""
+        return range(self.port, (self.port if self.port_last is None else self.port_last) + 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +79,8 @@ class JumpResource:
     output_match_saddr: bool = False
     users: frozenset[int] | None = None
     timeout: int | None = None
+    ipv4_prefix: int = 32  # with ``*-match: saddr``: match the knocker's /N (issue 15)
+    ipv6_prefix: int = 128
 
 
 Resource = PortResource | JumpResource
@@ -97,6 +110,17 @@ class NftablesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HooksConfig:
+    """``[HOOKS]`` (fastknock extension, issue 15): programs fastknockfwd runs, without a
+    shell, as ``user`` (never root), killed after ``timeout`` seconds."""
+
+    on_open: tuple[str, ...] | None = None  # argv; None: no hook
+    on_close: tuple[str, ...] | None = None
+    user: str = "nobody"
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: str
     checksum: bytes = field(repr=False)  # SHA3-256(u64be(len(file)) || file)
@@ -111,6 +135,7 @@ class Config:
     default_user: int | None = None
     keys: Mapping[int, bytes] = field(default_factory=dict, repr=False)
     resources: Mapping[int, Resource] = field(default_factory=dict)
+    hooks: HooksConfig | None = None  # server only; None: no [HOOKS] section
 
     def without_keys(self) -> Config:
         """This config without the key bytes (the user ids stay, for ``admit``), for code
@@ -131,7 +156,7 @@ class Refusal(enum.Enum):
 
     UNKNOWN_RESOURCE = "unknown-resource"
     USER_NOT_ALLOWED = "user-not-allowed"  # unknown user, or not in the resource's users:
-    BAD_PORT = "bad-port"  # a port resource on port 0 or on the control port
+    BAD_PORT = "bad-port"  # a port resource on (or whose range spans) port 0 or the control port
 
 
 def user_allowed(user: int, resource: Resource) -> bool:
@@ -152,6 +177,8 @@ def admit(
         return Refusal.UNKNOWN_RESOURCE
     if user not in users or not user_allowed(user, resource):
         return Refusal.USER_NOT_ALLOWED
-    if isinstance(resource, PortResource) and resource.port in (0, control_port):
+    if isinstance(resource, PortResource) and (
+        0 in resource.ports or control_port in resource.ports
+    ):
         return Refusal.BAD_PORT
     return resource
