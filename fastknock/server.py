@@ -35,7 +35,7 @@ import time
 from collections.abc import Sequence
 
 from fastknock import __version__, ipc
-from fastknock.conf import permissions
+from fastknock.conf import describe, permissions
 from fastknock.conf.config import DEFAULT_SERVER_CONFIG, Config, load_config
 from fastknock.errors import ConfigError, FastknockError
 from fastknock.knockd import counters as knockd_counters
@@ -43,9 +43,8 @@ from fastknock.knockd import fwdlink, recv, sockets, workers
 from fastknock.knockd.control import Controller, TcpProtocol, UdpProtocol
 from fastknock.knockd.endpoint import Endpoint
 from fastknock.knockd.limits import Budgets
-from fastknock.message import Operation
 from fastknock.osutil import metrics, privs, runfiles, seccomp, systemd
-from fastknock.protocol import FirewallRequest, ServerSettings
+from fastknock.protocol import ServerSettings
 
 # Imported at start-up, not when the loop starts: by then root is dropped and the Python
 # installation may be unreadable (e.g. below a 0700 /root).
@@ -180,33 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class FwdLink:
-    """The firewall callable for ``Controller``: one fastknockfwd request per lease change."""
-
-    def __init__(self, path: str, checksum: bytes) -> None:
-        self.path = path
-        self.checksum = checksum
-
-    async def __call__(self, request: FirewallRequest, timeout: float) -> bool:
-        op = ipc.FwOp.INSTALL if request.operation is Operation.KNOCK else ipc.FwOp.REVOKE
-        req = ipc.FwRequest(op, request.user, request.resource, request.peer, self.checksum)
-        try:
-            status = await fwdlink.request(self.path, req, timeout)
-        except FastknockError as exc:
-            log.warning("firewall: %s", exc)
-            return False
-        if status is not ipc.FwStatus.ACK:
-            log.warning(
-                "[%s] firewall refused resource %08X for user %08X: %s",
-                request.peer,
-                request.resource,
-                request.user,
-                status.name,
-            )
-            return False
-        return True
-
-
 async def serve(
     config: Config,
     args: argparse.Namespace,
@@ -230,7 +202,7 @@ async def serve(
     config = config.without_keys()
     endpoint = Endpoint(settings, budgets, os.urandom, time.monotonic())
     del settings
-    link = FwdLink(ipc.socket_path(args.rundir), config.checksum)
+    link = fwdlink.FwdLink(ipc.socket_path(args.rundir), config.checksum)
     controller = Controller(endpoint, link)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -290,7 +262,7 @@ class _Reloads:
     then swap the core on the loop; a bad one changes nothing. One reload at a time."""
 
     def __init__(
-        self, args: argparse.Namespace, controller: Controller, link: FwdLink, old: Config
+        self, args: argparse.Namespace, controller: Controller, link: fwdlink.FwdLink, old: Config
     ) -> None:
         self.args, self.controller, self.link, self.old = args, controller, link, old
         self.lock = asyncio.Lock()
@@ -314,40 +286,6 @@ class _Reloads:
                 self.link.checksum = new.checksum
                 log.info("reloaded %s (%d users, %d resources)", new.source, len(new.keys),
                          len(new.resources))  # fmt: skip
-
-
-def summary(config: Config) -> str:
-    """What --check-config prints: ports, users and resources; never a key."""
-    from fastknock.conf.config import PortResource
-
-    protos = ",".join(p for p, on in (("udp", config.port_udp), ("tcp", config.port_tcp)) if on)
-    lines = [
-        f"config {config.source}: OK",
-        f"control port {config.port}/{protos}, timeout {config.control_timeout:g} s, "
-        f"error policy {config.control_error_policy.value}, seccomp {config.seccomp.value}",
-        f"users ({len(config.keys)}): " + " ".join(f"{u:08X}" for u in sorted(config.keys)),
-        f"resources ({len(config.resources)}):",
-    ]
-    for rid, res in sorted(config.resources.items()):
-        users = "all" if res.users is None else ",".join(f"{u:08X}" for u in sorted(res.users))
-        timeout = f"{res.timeout} s" if res.timeout is not None else "default"
-        if isinstance(res, PortResource):
-            what = f"port {res.port}/" + ",".join(
-                p for p, on in (("tcp", res.tcp), ("udp", res.udp)) if on
-            )
-        else:
-            what = "jump " + " ".join(
-                f"{hook}:{chain}" for hook, chain in
-                (("input", res.input), ("forward", res.forward), ("output", res.output)) if chain
-            )  # fmt: skip
-        lines.append(f"  {rid:08X}  {what}  users {users}  timeout {timeout}")
-    if config.nftables is not None:
-        n = config.nftables
-        lines.append(
-            f"nftables {n.family} {n.table} input {n.chain_input}, lease timeout {n.timeout} s, "
-            f"max-nr-rules {n.max_nr_rules}"
-        )
-    return "\n".join(lines)
 
 
 def _write_pid(rundir: str, account: tuple[int, int] | None) -> str:
@@ -431,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in permissions.permission_warnings(args.config, config, "server"):
         log.warning("%s", warning)
     if args.check_config:
-        print(summary(config))
+        print(describe.summary(config))
         return 0
     if config.debug and not args.verbose:
         logging.getLogger().setLevel(logging.DEBUG)

@@ -10,14 +10,21 @@ or missing socket, a short or garbled reply) is a ``FirewallError`` with the pat
 message; a NACK is a normal answer (an ``FwStatus`` other than ACK). The daemon may answer
 and close before it reads the request (a refused peer): a failed drain is not an error, the
 reply is still read.
+
+``FwdLink`` is the firewall callable ``Controller`` is given: it maps an endpoint's
+``FirewallRequest`` to one request with the config checksum and logs refusals (True only
+on ACK).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 
-from fastknock.errors import FirewallError, WireError
+from fastknock import ipc
+from fastknock.errors import FastknockError, FirewallError, WireError
+from fastknock.events import FirewallRequest
 from fastknock.ipc import (
     REPLY_SIZE,
     FwRequest,
@@ -26,8 +33,11 @@ from fastknock.ipc import (
     decode_reply,
     encode_request,
 )
+from fastknock.message import Operation
 
-__all__ = ["request"]
+__all__ = ["FwdLink", "request"]
+
+log = logging.getLogger("fastknockd")
 
 
 async def _exchange(path: str, data: bytes) -> bytes:
@@ -61,3 +71,30 @@ async def request(path: str, req: FwRequest, timeout: float) -> FwStatus:
         return decode_reply(reply)
     except WireError as exc:
         raise FirewallError(f"firewall daemon at {path} sent garbage: {exc}") from exc
+
+
+class FwdLink:
+    """The firewall callable for ``Controller``: one fastknockfwd request per lease change."""
+
+    def __init__(self, path: str, checksum: bytes) -> None:
+        self.path = path
+        self.checksum = checksum
+
+    async def __call__(self, change: FirewallRequest, timeout: float) -> bool:
+        op = ipc.FwOp.INSTALL if change.operation is Operation.KNOCK else ipc.FwOp.REVOKE
+        req = ipc.FwRequest(op, change.user, change.resource, change.peer, self.checksum)
+        try:
+            status = await request(self.path, req, timeout)
+        except FastknockError as exc:
+            log.warning("firewall: %s", exc)
+            return False
+        if status is not ipc.FwStatus.ACK:
+            log.warning(
+                "[%s] firewall refused resource %08X for user %08X: %s",
+                change.peer,
+                change.resource,
+                change.user,
+                status.name,
+            )
+            return False
+        return True

@@ -1,0 +1,44 @@
+"""What ``fastknockd --check-config`` prints about a config: ports, users, resources and
+the nftables settings; never a key (only user ids appear).
+
+One function per thing described, so each config extension adds its line here and nowhere
+else.
+"""
+
+from __future__ import annotations
+
+from fastknock.conf.model import Config, PortResource
+
+__all__ = ["summary"]
+
+
+def summary(config: Config) -> str:
+    """What --check-config prints: ports, users and resources; never a key."""
+    protos = ",".join(p for p, on in (("udp", config.port_udp), ("tcp", config.port_tcp)) if on)
+    lines = [
+        f"config {config.source}: OK",
+        f"control port {config.port}/{protos}, timeout {config.control_timeout:g} s, "
+        f"error policy {config.control_error_policy.value}, seccomp {config.seccomp.value}",
+        f"users ({len(config.keys)}): " + " ".join(f"{u:08X}" for u in sorted(config.keys)),
+        f"resources ({len(config.resources)}):",
+    ]
+    for rid, res in sorted(config.resources.items()):
+        users = "all" if res.users is None else ",".join(f"{u:08X}" for u in sorted(res.users))
+        timeout = f"{res.timeout} s" if res.timeout is not None else "default"
+        if isinstance(res, PortResource):
+            what = f"port {res.port}/" + ",".join(
+                p for p, on in (("tcp", res.tcp), ("udp", res.udp)) if on
+            )
+        else:
+            what = "jump " + " ".join(
+                f"{hook}:{chain}" for hook, chain in
+                (("input", res.input), ("forward", res.forward), ("output", res.output)) if chain
+            )  # fmt: skip
+        lines.append(f"  {rid:08X}  {what}  users {users}  timeout {timeout}")
+    if config.nftables is not None:
+        n = config.nftables
+        lines.append(
+            f"nftables {n.family} {n.table} input {n.chain_input}, lease timeout {n.timeout} s, "
+            f"max-nr-rules {n.max_nr_rules}"
+        )
+    return "\n".join(lines)
