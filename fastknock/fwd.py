@@ -51,7 +51,9 @@ from fastknock.conf import config as configmod
 from fastknock.conf import permissions
 from fastknock.conf.config import Config
 from fastknock.errors import ConfigError, FastknockError, FirewallError
+from fastknock.firewall import hookproc
 from fastknock.firewall.daemon import Daemon, ServerAccount
+from fastknock.firewall.hooks import HookLeases
 from fastknock.firewall.nft import Firewall, PortLease
 from fastknock.firewall.runner import LibNftables, make_runner
 from fastknock.osutil import metrics, privs, runfiles, seccomp, systemd
@@ -143,8 +145,9 @@ async def _serve(
     own: OwnAccount | None,
     rundir: runfiles.RunDir,
     lock: runfiles.PidLock,
+    hooks: HookLeases | None = None,
 ) -> int:
-    daemon = Daemon(cfg, fw, account)
+    daemon = Daemon(cfg, fw, account, hooks=hooks)
     del cfg  # the daemon's copy is the one that reloads replace
     path = ipc.socket_path(args.rundir)
     activated = [] if args.no_systemd else systemd.listen_fds()
@@ -195,6 +198,10 @@ async def _serve(
     # Threads only from here on: capabilities are per thread (see osutil.privs).
     await asyncio.to_thread(daemon.load)
     daemon.prune_expired()
+    hook_task = None
+    if hooks is not None:  # before serving: a re-knock of a recorded lease is a refresh
+        await asyncio.to_thread(hooks.restore)
+        hook_task = loop.create_task(hooks.run())
     log.info("%d live lease(s) in the kernel (max-nr-rules %d)", daemon.live_count(),
              daemon.cfg.nftables.max_nr_rules if daemon.cfg.nftables else 0)  # fmt: skip
     await server.start_serving()  # requests only once the live leases are known
@@ -212,6 +219,9 @@ async def _serve(
         sweeper.cancel()
         watcher.cancel()
         await daemon.drain()
+        if hook_task is not None and hooks is not None:
+            hook_task.cancel()
+            await hooks.stop()
         if writer is not None:
             await writer.stop()
         if path:
@@ -234,6 +244,10 @@ async def _reload(args: argparse.Namespace, daemon: Daemon) -> None:
         for warning in permissions.permission_warnings(args.config, cfg, "server"):
             log.warning("%s", warning)
         fw.stats = daemon.fw.stats
+        if daemon.hooks is not None:
+            daemon.hooks.reconfigure(cfg.hooks)
+        elif hookproc.wanted(cfg.hooks):
+            log.warning("[HOOKS] added: the hook runner starts at the next restart")
         daemon.cfg, daemon.fw = cfg, fw
         log.info("reloaded %s (checksum %s...)", cfg.source, cfg.checksum.hex()[:12])
 
@@ -295,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between metrics writes (default: 15)",
     )
+    ap.add_argument(
+        "--statedir",
+        default="/var/lib/fastknockfwd",
+        metavar="DIR",
+        help="with [HOOKS]: the record of open knock-leases (hook-leases.json), so that "
+        "on-close also fires for leases that expired while fastknockfwd was stopped "
+        "(default: /var/lib/fastknockfwd)",
+    )
     ap.add_argument("--list", action="store_true", help="print the live leases and exit")
     ap.add_argument(
         "--no-systemd",
@@ -330,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _load(args.config)
         account = None if args.list else _server_account(args.server_user, args.test_mode)
         own = None if account is None else _own_account(args.user, account, args.test_mode)
+        hook_user = None
+        if account is not None and cfg.hooks is not None and hookproc.wanted(cfg.hooks):
+            hook_user = hookproc.hook_account(cfg.hooks.user)
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)
         return 2
@@ -357,8 +382,11 @@ def main(argv: list[str] | None = None) -> int:
             rundir.close()
             log.error("fastknockfwd is %s (--rundir %s)", exc, args.rundir)
             return 1
+        hooks = None
         try:
             fw.setup()
+            if hook_user is not None:  # before any thread and the seccomp filter
+                hooks = _start_hooks(args, cfg, own, hook_user)
         except BaseException:
             lock.release()
             rundir.close()
@@ -367,7 +395,23 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
     _raise_nofile()
-    return asyncio.run(_serve(args, cfg, fw, account, own, rundir, lock))
+    return asyncio.run(_serve(args, cfg, fw, account, own, rundir, lock, hooks))
+
+
+def _start_hooks(
+    args: argparse.Namespace, cfg: Config, own: OwnAccount | None, user: hookproc.HookAccount
+) -> HookLeases:
+    """The state directory (ours, 0700: we write the record after the drop) and the hook
+    runner (``firewall.hookproc``)."""
+    assert cfg.hooks is not None
+    statedir = runfiles.RunDir(args.statedir, 0o700, own.uid if own else 0,
+                               own.gid if own else 0)  # fmt: skip
+    try:
+        feed = hookproc.start_runner(user, cfg.hooks)
+    except BaseException:
+        statedir.close()
+        raise
+    return HookLeases(feed, statedir)
 
 
 if __name__ == "__main__":

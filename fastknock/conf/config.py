@@ -27,7 +27,8 @@ Design
   (default on), ``prefilter-rate`` (default 100 datagrams/s per source),
   ``prefilter-burst`` (default 200), ``prefilter-ipv6-prefix`` (default 64),
   ``prefilter-ipv6-group`` (default 48) and ``prefilter-spare`` (default 20000/s): the
-  in-kernel pre-filter of a UDP control port, set up by fastknockfwd (``firewall/prefilter.py``).
+  in-kernel pre-filter of a UDP control port, set up by fastknockfwd (``firewall/prefilter.py``);
+  ``[HOOKS]`` (``conf/hooks.py``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from fastknock.conf.files import MAX_CONFIG_BYTES, read_config_file, too_large
+from fastknock.conf.hooks import hooks as parse_hooks
 from fastknock.conf.lexer import (
     U32_MAX,
     Checker,
@@ -78,6 +80,7 @@ from fastknock.conf.model import (
     DEFAULT_CONTROL_PORT,
     Config,
     ErrorPolicy,
+    HooksConfig,
     JumpResource,
     NftablesConfig,
     PortResource,
@@ -109,7 +112,7 @@ def _protocols(values: list[str]) -> tuple[bool, bool, str | None]:
 # --------------------------------------------------------------------------- parsing
 
 _KEY_HEX = re.compile(r"[0-9A-Fa-f]{64}")
-_SECTIONS = ("GENERAL", "NFTABLES", "CLIENT", "KEYS", "RESOURCES")
+_SECTIONS = ("GENERAL", "NFTABLES", "CLIENT", "KEYS", "RESOURCES", "HOOKS")
 _GENERAL = ("debug", "port", "control-timeout", "control-error-policy", "seccomp")
 _NFTABLES = tuple(
     "exe family table chain-input chain-forward chain-output timeout max-nr-rules".split()
@@ -461,6 +464,7 @@ def parse_config(text: str | bytes, source: str = "<string>", role: Role = "serv
     default_user: int | None = None
     keys: dict[int, bytes] = {}
     resources: dict[int, Resource] = {}
+    hooks: HooksConfig | None = None
     for name, sect in sections.items():  # file order: the first problem is the one reported
         if name == "GENERAL":
             p.general(sect, general)
@@ -472,6 +476,8 @@ def parse_config(text: str | bytes, source: str = "<string>", role: Role = "serv
             keys = p.keys(sect)
         elif name == "RESOURCES":
             resources = p.resources(sect)
+        elif name == "HOOKS":  # conf/hooks.py
+            hooks = parse_hooks(p, sect, role)
         else:
             known = " ".join(f"[{n}]" for n in _SECTIONS)
             p.fail(f"unknown section {show(f'[{name}]')} (known: {known})", sect.line)
@@ -484,6 +490,7 @@ def parse_config(text: str | bytes, source: str = "<string>", role: Role = "serv
         default_user=default_user,
         keys=MappingProxyType(keys),
         resources=MappingProxyType(resources),
+        hooks=hooks,
         **general,  # type: ignore[arg-type]
     )
 

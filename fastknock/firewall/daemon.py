@@ -47,6 +47,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastknock import ipc
 from fastknock.conf.model import Config, JumpResource, Refusal
@@ -55,6 +56,9 @@ from fastknock.firewall import prefilter
 from fastknock.firewall.nft import Change, Firewall, JumpLease, LeaseKey, PortLease
 from fastknock.ipc import FwOp, FwRequest, FwStatus
 from fastknock.osutil import metrics
+
+if TYPE_CHECKING:
+    from fastknock.firewall.hooks import HookLeases
 
 __all__ = ["PREFILTER_POLL", "SWEEP_INTERVAL", "Daemon", "ServerAccount"]
 
@@ -105,6 +109,7 @@ class Daemon:
     prefilter_poll: float = PREFILTER_POLL
     prefilter_counts: dict[str, int] = field(default_factory=dict)  # the last reading
     shedding: prefilter.Shedding = field(default_factory=prefilter.Shedding)
+    hooks: HookLeases | None = None  # [HOOKS]: told of every ACK (firewall.hooks)
 
     def _now(self) -> float:
         return self.clock()
@@ -143,12 +148,14 @@ class Daemon:
             "batches": self.counts["batches"],
             "failed_transactions": s.failed_transactions,
             "refused_peers": self.counts["refused_peers"],
+            **(self.hooks.stats() if self.hooks is not None else {}),
         }
 
     def metric_families(self) -> list[metrics.Family]:
         replies = {k: v for k, v in self.counts.items() if k.startswith("status_")}
         counts = self.prefilter_counts if self.fw.prefilter else None
-        return metrics.fwd_families({**self.stats, **replies}, counts)
+        hooks = self.hooks.metric_stats() if self.hooks is not None else None
+        return metrics.fwd_families({**self.stats, **replies}, counts, hooks)
 
     def log_stats(self) -> None:
         log.info("stats: %s", " ".join(f"{k}={v}" for k, v in self.stats.items()))
@@ -199,6 +206,8 @@ class Daemon:
             self._enqueue(_Item(checked, req.op == FwOp.INSTALL, future, req.deadline_ms))
             status = await future
         self.counts["acks" if status == FwStatus.ACK else "nacks"] += 1
+        if status == FwStatus.ACK and self.hooks is not None:
+            self.hooks.acked(req, self.cfg)  # the lease is in the kernel (or gone from it)
         self.counts[f"status_{status.name.lower()}"] += 1
         what = "install" if req.op == FwOp.INSTALL else "revoke"
         log.log(

@@ -153,11 +153,14 @@ _FWD_COUNTERS = {
 
 
 def fwd_families(
-    stats: Mapping[str, int], prefilter: Mapping[str, int] | None = None
+    stats: Mapping[str, int],
+    prefilter: Mapping[str, int] | None = None,
+    hooks: Mapping[str, int] | None = None,
 ) -> list[Family]:
-    """fastknockfwd's metric families from ``Daemon.stats`` (plus its ``counts``) and the
+    """fastknockfwd's metric families from ``Daemon.stats`` (plus its ``counts``), the
     pre-filter's kernel counters (``firewall.prefilter.COUNTERS`` names; None: no
-    pre-filter, no such families)."""
+    pre-filter, no such families) and the hooks' (``HookLeases.metric_stats``; None: no
+    [HOOKS])."""
     fams = [
         Family(name, "counter", text, [Sample(stats.get(key, 0))])
         for key, (name, text) in _FWD_COUNTERS.items()
@@ -172,6 +175,8 @@ def fwd_families(
     )
     if prefilter is not None:
         fams += _prefilter_families(prefilter)
+    if hooks is not None:
+        fams += _hook_families(hooks)
     statuses = sorted(k for k in stats if k.startswith("status_"))
     if statuses:
         fams.append(
@@ -205,6 +210,34 @@ def _prefilter_families(counts: Mapping[str, int]) -> list[Family]:
         Family("fastknockfwd_prefilter_proven_total", "counter", "Datagrams from proven "
                "sources (a recent lease) that passed before the buckets.",
                [Sample(counts.get("proven", 0))]),
+    ]  # fmt: skip
+
+
+def _hook_families(h: Mapping[str, int]) -> list[Family]:
+    """[HOOKS]: the events fastknockfwd passed on, and what the hook runner reported."""
+    return [
+        Family("fastknockfwd_hook_events_total", "counter", "Hook events passed to the hook "
+               "runner, by event.", [Sample(h["hook_opens"], (("event", "open"),)),
+                                     Sample(h["hook_closes"], (("event", "close"),))]),
+        Family("fastknockfwd_hook_events_dropped_total", "counter", "Hook events dropped: "
+               "queue full (where: daemon, runner) or knock-lease table full (untracked).",
+               [Sample(h["hook_dropped_daemon"], (("where", "daemon"),)),
+                Sample(h["hook_dropped_runner"], (("where", "runner"),)),
+                Sample(h["hook_untracked"], (("where", "untracked"),))]),
+        Family("fastknockfwd_hook_runs_total", "counter", "Hook programs the runner ran, by "
+               "result (ok: exit 0; failed: other exit, signal, or could not start; timeout: "
+               "killed after hook-timeout), as it reported them.",
+               [Sample(h["hook_ok"], (("result", "ok"),)),
+                Sample(h["hook_failed"], (("result", "failed"),)),
+                Sample(h["hook_timed_out"], (("result", "timeout"),))]),
+        Family("fastknockfwd_hook_runs_started_total", "counter", "Hook programs the runner "
+               "started, as it reported them.", [Sample(h["hook_started"])]),
+        Family("fastknockfwd_hook_bad_reports_total", "counter", "Reads from the hook runner "
+               "that were not whole valid reports (ignored).", [Sample(h["hook_bad_reports"])]),
+        Family("fastknockfwd_hook_leases", "gauge", "Open knock-leases the hooks track for "
+               "on-close.", [Sample(h["hook_leases"])]),
+        Family("fastknockfwd_hook_runner_up", "gauge", "1 while the hook runner is alive.",
+               [Sample(h["hook_runner_up"])]),
     ]  # fmt: skip
 
 
