@@ -361,6 +361,7 @@ def server_config(
     port_spec: str = "5800 / udp, tcp",
     comment: str = "",
     nft_extra: str = "",
+    extra: str = "",
 ) -> str:
     res = "\n".join(f"{r.id:08X} = {r.spec}" for r in resources)
     return (
@@ -371,7 +372,7 @@ def server_config(
         "chain-forward = LETMEIN-FORWARD\nchain-output = LETMEIN-OUTPUT\n"
         f"timeout = {lease_timeout}\n{nft_extra}\n"
         f"[KEYS]\n{USER1:08X} = {KEY1.hex().upper()}\n{USER2:08X} = {KEY2.hex().upper()}\n\n"
-        f"[RESOURCES]\n{res}\n"
+        f"[RESOURCES]\n{res}\n{extra}"
     )
 
 
@@ -476,11 +477,13 @@ class Stack:
         nft_extra: str = "",
         metrics: bool = False,
         port_spec: str = "5800 / udp, tcp",
+        config_extra: str = "",
     ) -> None:
         """``verbose``: fastknockd with -v (a log line per reject; the batched receive path
         then hands every 56-byte datagram up to Python). ``nft_extra``: more [NFTABLES]
         lines, e.g. ``prefilter = off``. ``port_spec``: the server's ``port``. ``metrics``:
-        fastknockd writes its counters every 0.1 s (read them with ``metrics()``)."""
+        fastknockd writes its counters every 0.1 s (read them with ``metrics()``).
+        ``config_extra``: more sections at the end of the server config (e.g. [HOOKS])."""
         self.name = name
         self.verbose = verbose
         self.resources = list(resources)
@@ -496,8 +499,14 @@ class Stack:
         self.server_conf = self.work / "fastknockd.conf"
         self.server_conf.write_text(
             server_config(
-                resources, policy, timeout, lease_timeout, port_spec=port_spec, nft_extra=nft_extra
-            )
+                resources,
+                policy,
+                timeout,
+                lease_timeout,
+                port_spec=port_spec,
+                nft_extra=nft_extra,
+                extra=config_extra,
+            )  # fmt: skip
         )
         # As installed: root:<server group> 0640, so fastknockd can re-read it after the drop.
         self.server_conf.chmod(0o640)
