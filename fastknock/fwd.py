@@ -53,7 +53,7 @@ from fastknock.conf.config import Config
 from fastknock.errors import ConfigError, FastknockError, FirewallError
 from fastknock.firewall import hookproc
 from fastknock.firewall.daemon import Daemon, ServerAccount
-from fastknock.firewall.hooks import HookLeases
+from fastknock.firewall.hooks import HookLeases, list_record
 from fastknock.firewall.nft import Firewall, PortLease
 from fastknock.firewall.runner import LibNftables, make_runner
 from fastknock.osutil import metrics, privs, runfiles, seccomp, systemd
@@ -369,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         fw = Firewall(cfg.nftables, runner, cfg.port, cfg.port_tcp, cfg.port_udp)
         if args.list:
-            return list_leases(fw)
+            code = list_leases(fw)
+            if hookproc.wanted(cfg.hooks):
+                print("\n".join(list_record(args.statedir)))
+            return code
         assert account is not None
         # Run directory: ours (so we can clean up after the drop), group: the server account
         # (0750, like letmein). The lock on the PID file keeps a second instance out.

@@ -267,7 +267,7 @@ def test_a_hostile_record_is_ignored_not_followed(
             h.save()
         return
     h.save()  # the next save replaces it with a regular file (never through the link)
-    assert hooks.load_record(statedir) == ("b", [])
+    assert hooks.load_record(statedir.fd) == ("b", [])
     if kind in ("symlink", "hardlink"):
         assert (tmp_path / "elsewhere.json").read_text() == GOOD
 

@@ -3,8 +3,11 @@ the line and the option, never quoting key-shaped text or a control character.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from fastknock import server
 from fastknock.conf.config import parse_config
 from fastknock.conf.model import HooksConfig
 from fastknock.errors import ConfigError
@@ -118,3 +121,24 @@ def test_messages_never_quote_key_shaped_text() -> None:
         assert KEY_HEX[:9] not in msg and "not shown" in msg, msg
     # Control: an ordinary wrong value is quoted plainly.
     assert "'notify'" in error("on-open = notify\n")
+
+
+def test_check_config_shows_the_hooks_not_their_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = tmp_path / "fastknockd.conf"
+    conf.write_text(
+        BASE + "[HOOKS]\non-open = /usr/local/bin/notify --token s3cr3t-token x\n"
+        "hook-user = daemon\nhook-timeout = 3\n"
+    )
+    conf.chmod(0o600)
+    assert server.main(["-c", str(conf), "--check-config"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "hooks: on-open /usr/local/bin/notify (+3 argument(s)), on-close none, as daemon, "
+        "timeout 3 s" in out
+    )
+    assert "s3cr3t-token" not in out
+    conf.write_text(BASE)  # control: no [HOOKS], no hooks line
+    assert server.main(["-c", str(conf), "--check-config"]) == 0
+    assert "hooks:" not in capsys.readouterr().out

@@ -21,6 +21,7 @@ import os
 import pwd
 import shutil
 import signal
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from fastknock.firewall import hookrun
 from tests import netns
 from tests.e2e_support import (
     FWD_USER,
+    REPO,
     USER1,
     Res,
     Stack,
@@ -211,6 +213,13 @@ def test_a_lease_that_expired_while_fwd_was_stopped_closes_at_its_next_start() -
         stack.start_fwd()
         [(_, env)] = hooks.wait_runs("close", R_EXP, 1)
         expect_env(env, "close", R_EXP, me, str(R_EXP.probe), 2)
+        # fastknockfwd --list shows it with the kernel's leases.
+        listed = netns.run(stack.pair.server, [sys.executable, "-m", "fastknock.fwd", "-c",
+                           str(stack.server_conf), "--list", "--statedir", str(hooks.statedir)],
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        assert "1 knock-lease(s) open for the hooks" in listed.stdout, listed.stdout
+        assert f"{me:<40} user {USER1:08X} res {R_OPEN.id:08X} port {R_OPEN.probe}" in listed.stdout
         # Control: the lease still open survived the restart: no on-close, and a re-knock
         # is a refresh (its revoke's on-close is the first event after the open).
         knock(stack, "knock", R_OPEN)

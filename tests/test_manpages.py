@@ -86,7 +86,7 @@ def _known(section: str) -> list[str]:
 
 def test_config_page_names_every_option() -> None:
     text = render(MAN / "fastknock.conf.5")
-    sections = ("GENERAL", "NFTABLES", "CLIENT")
+    sections = ("GENERAL", "NFTABLES", "CLIENT", "HOOKS")
     for section in sections:
         assert f"[{section}]" in text
         for option in _known(section):

@@ -41,4 +41,18 @@ def summary(config: Config) -> str:
             f"nftables {n.family} {n.table} input {n.chain_input}, lease timeout {n.timeout} s, "
             f"max-nr-rules {n.max_nr_rules}"
         )
+    lines += hooks(config)
     return "\n".join(lines)
+
+
+def hooks(config: Config) -> list[str]:
+    """[HOOKS]: the programs, not their arguments (an argument may hold a token)."""
+    h = config.hooks
+    if h is None:
+        return []
+
+    def cmd(argv: tuple[str, ...] | None) -> str:
+        return "none" if argv is None else f"{argv[0]} (+{len(argv) - 1} argument(s))"
+
+    return [f"hooks: on-open {cmd(h.on_open)}, on-close {cmd(h.on_close)}, as {h.user}, "
+            f"timeout {h.timeout:g} s"]  # fmt: skip

@@ -52,7 +52,8 @@ from fastknock.firewall import hookproc, hookrun
 from fastknock.ipc import FwOp, FwRequest
 from fastknock.osutil import runfiles
 
-__all__ = ["RECORD_NAME", "HookLeases", "Lease", "boot_id", "target"]
+__all__ = ["RECORD_NAME", "HookLeases", "Lease", "boot_id", "list_record", "load_record",
+           "target"]  # fmt: skip
 
 log = logging.getLogger("fastknockfwd")
 
@@ -125,10 +126,11 @@ def _lease(obj: object) -> Lease:
     return lease
 
 
-def load_record(directory: runfiles.RunDir) -> tuple[str, list[Lease]]:
-    """(boot id, leases) from the record; ValueError/OSError says why it is unusable."""
+def load_record(dir_fd: int) -> tuple[str, list[Lease]]:
+    """(boot id, leases) from the record in the directory ``dir_fd``; ValueError/OSError
+    says why it is unusable."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    fd = os.open(RECORD_NAME, flags, dir_fd=directory.fd)
+    fd = os.open(RECORD_NAME, flags, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
@@ -164,6 +166,29 @@ def save_record(directory: runfiles.RunDir, boot: str, leases: list[Lease]) -> N
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, RECORD_NAME, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
+
+
+def list_record(statedir: str) -> list[str]:
+    """``fastknockfwd --list``: the open knock-leases the record holds (as root: the
+    directory is opened ``O_NOFOLLOW``, the file as in ``restore``)."""
+    try:
+        fd = os.open(statedir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        return [f"no hook lease record ({statedir}: {exc.strerror})"]
+    try:
+        boot, leases = load_record(fd)
+    except (OSError, ValueError, RecursionError) as exc:
+        return [f"no usable hook lease record in {statedir} ({type(exc).__name__})"]
+    finally:
+        os.close(fd)
+    now = time.time()
+    rows = [f"{len(leases)} knock-lease(s) open for the hooks"
+            + (" (recorded before a reboot)" if boot != boot_id() else "")]  # fmt: skip
+    for x in sorted(leases, key=lambda x: x.key):
+        left = f"{max(x.deadline - now, 0):.0f}s"
+        rows.append(f"{x.subject:<40} user {x.user:08X} res {x.resource:08X} "
+                    f"port {x.port or '-':<12} {left}")  # fmt: skip
+    return rows
 
 
 class HookLeases:
@@ -243,7 +268,7 @@ class HookLeases:
             return
         where = self.statedir.join(RECORD_NAME)
         try:
-            boot, leases = load_record(self.statedir)
+            boot, leases = load_record(self.statedir.fd)
         except FileNotFoundError:
             return
         except (OSError, ValueError, RecursionError) as exc:  # hostile: say why, safely
