@@ -26,6 +26,11 @@ main imports only ``fastknock.ipc``, ``fastknock.conf``, ``fastknock.firewall``,
 - SIGTERM/SIGINT: stop accepting, finish the batch in flight, remove socket and PID file,
   exit 0. Leases stay in the kernel (see ``firewall.nft``'s header for how an admin
   flushes them). ``--list`` prints the live leases and exits.
+- ``[HOOKS]``: the hook runner (``firewall.hookproc``/``hookrun``) is started in ``main``
+  after the firewall set-up and before ``asyncio.run``: no thread exists yet, we are still
+  root (it becomes ``hook-user`` itself) and the seccomp filter, which forbids new
+  processes, comes later. ``--statedir`` (root creates it, ours, 0700) holds the record of
+  open knock-leases, read after the drop, before serving (``firewall.hooks``).
 - Counters (``Daemon.stats``) are logged per transaction with ``-v``, on SIGUSR1 and at
   exit (``stats: requests=... transactions=...``), and with ``--metrics-file`` written in
   Prometheus text format every ``--metrics-interval`` seconds (``osutil.metrics``: stdlib

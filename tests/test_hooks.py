@@ -17,7 +17,7 @@ from types import MappingProxyType
 
 import pytest
 
-from fastknock.conf.model import Config, JumpResource, PortResource
+from fastknock.conf.model import Config, HooksConfig, JumpResource, PortResource
 from fastknock.firewall import hookproc, hookrun, hooks
 from fastknock.firewall.daemon import Daemon
 from fastknock.ipc import FwOp, FwStatus
@@ -276,3 +276,12 @@ def test_the_good_record_control(pipe: Pipe, statedir: runfiles.RunDir) -> None:
     (Path(statedir.path) / hooks.RECORD_NAME).write_text(GOOD)
     restored(pipe, statedir, 1000.0)
     assert pipe.events() == [("close", USER, 1, "192.0.2.1", "22", 600)]
+
+
+def test_a_reload_sends_the_new_commands(pipe: Pipe) -> None:
+    h = hooks.HookLeases(pipe.feed, None, boot="b")
+    h.reconfigure(HooksConfig(("/bin/new",), None, "nobody", 3.0))
+    h.reconfigure(None)  # [HOOKS] removed: the runner runs nothing
+    pipe.buf += os.read(pipe.r, 1 << 16)
+    got = [hookrun.decode_body(b) for b in hookrun.split_records(pipe.buf)]
+    assert got == [hookrun.Commands(("/bin/new",), None, 3.0), hookrun.Commands(None, None, 10.0)]

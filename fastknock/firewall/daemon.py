@@ -29,6 +29,8 @@ Design
   leases are per-lease rules whose deadline is in their comment; ``sweep`` removes them
   when due (also after a restart).
 - Counters (``Daemon.stats``, ``metric_families``) for the log and ``--metrics-file``.
+- Hooks (``firewall.hooks``, optional): ``submit`` tells ``hooks.acked`` of every ACK once
+  its reply is known (a dict update and a non-blocking pipe write; never awaited).
 - The pre-filter (``firewall.prefilter``): ``watch_prefilter`` reads its kernel counters
   every ``prefilter_poll`` seconds (in a thread; the metrics use the last reading) and,
   while it sheds, logs one warning a minute at most, naming the reason and the top sampled

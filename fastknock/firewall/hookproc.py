@@ -200,6 +200,12 @@ class HookFeed:
 
     def close(self) -> None:
         """At exit: the runner sees EOF, finishes what it holds and exits."""
+        self.flush()
+        if self.queue and self.up:
+            log.warning("%d hook event(s) not delivered at exit (the runner is behind)",
+                        len(self.queue))  # fmt: skip
+            self.dropped += len(self.queue)
+            self.queue.clear()
         if self._writer is not None:
             self._writer.remove_writer(self.cmd_fd)
             self._writer = None

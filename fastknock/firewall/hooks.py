@@ -14,14 +14,16 @@ Design
   open knock-lease fires ``on-close`` (a revoke of nothing fires nothing). Expiry:
   ``tick`` (every ``TICK`` seconds) fires ``on-close`` for knock-leases past their
   deadline, computed as the kernel's is (ACK time + the resource's timeout), so it comes
-  just after the kernel dropped a port lease, and with the daemon's sweep of a jump lease.
+  just after the kernel dropped a port lease; for a jump lease it comes in the same tick
+  as the daemon's sweep, so possibly a transaction's time before the rule is gone.
 * FASTKNOCK_ADDRESS and FASTKNOCK_PORT are made in one place, ``target``, from the
   resource as configured (the prefix, the port range) at open time, and kept with the
   knock-lease: an ``on-close`` says what its ``on-open`` said, also after a reload.
 * The record (``--statedir``/``hook-leases.json``, written only when something changed, at
   most every ``SAVE_INTERVAL`` seconds, in a thread, through a new file and a rename
   relative to the directory's fd): the open knock-leases with their deadlines and the
-  kernel's boot id. At start-up, knock-leases whose deadline passed while fastknockfwd was
+  kernel's boot id (a crash loses at most the last ``SAVE_INTERVAL`` of changes). At
+  start-up, knock-leases whose deadline passed while fastknockfwd was
   stopped, and every one from an earlier boot (the kernel lost its leases), fire
   ``on-close``; the rest stay open. The file belongs to fastknockfwd's own account and is
   hostile input: opened ``O_NOFOLLOW | O_NONBLOCK`` relative to the directory, a regular
