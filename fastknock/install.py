@@ -75,6 +75,13 @@ max-nr-rules = 100
 [RESOURCES]
 # Open TCP port 22 (SSH) for a knocking client:
 00000022 = port: 22
+
+# Run a program (never as root, without a shell) when a knock opens a lease and when it
+# closes; see fastknock.conf(5):
+# [HOOKS]
+# on-open = /usr/local/bin/knock-notify opened
+# on-close = /usr/local/bin/knock-notify closed
+# hook-user = nobody
 """
 
 CLIENT_CONF = """\

@@ -324,7 +324,10 @@ class HookLeases:
             await asyncio.sleep(TICK)
 
     async def stop(self) -> None:
-        """At exit: the last record, then EOF to the runner."""
+        """At exit: the last record (after a save in flight: one writer at a time), then
+        EOF to the runner."""
+        while self._saving:
+            await asyncio.sleep(0.01)
         if self.dirty and self.statedir is not None:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self.save)
