@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         own = None if account is None else _own_account(args.user, account, args.test_mode)
         hook_user = None
         if account is not None and cfg.hooks is not None and hookproc.wanted(cfg.hooks):
-            hook_user = hookproc.hook_account(cfg.hooks.user)
+            hook_user = hookproc.hook_account(cfg.hooks.user, cfg.source)
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)
         return 2

@@ -3,11 +3,12 @@ the line and the option, never quoting key-shaped text or a control character.""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from fastknock import server
+from fastknock import fwd, server
 from fastknock.conf.config import parse_config
 from fastknock.conf.model import HooksConfig
 from fastknock.errors import ConfigError
@@ -142,3 +143,20 @@ def test_check_config_shows_the_hooks_not_their_arguments(
     conf.write_text(BASE)  # control: no [HOOKS], no hooks line
     assert server.main(["-c", str(conf), "--check-config"]) == 0
     assert "hooks:" not in capsys.readouterr().out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="fastknockfwd refuses to start as non-root")
+def test_fastknockfwd_refuses_a_hook_user_it_cannot_use(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At start-up, before any firewall change: a missing account is a configuration error
+    (exit 2) naming the file."""
+    conf = tmp_path / "fastknockd.conf"
+    conf.write_text(BASE + "[HOOKS]\non-open = /bin/true\nhook-user = fk-no-such-account\n")
+    conf.chmod(0o600)
+    argv = ["-c", str(conf), "--rundir", str(tmp_path / "run"), "--test-mode", "--no-systemd",
+            "--server-user", "nobody", "--user", "nobody"]  # fmt: skip
+    with caplog.at_level("ERROR", "fastknockfwd"):
+        assert fwd.main(argv) == 2
+    assert f"{conf}: [HOOKS] hook-user: account 'fk-no-such-account' does not exist" in caplog.text
+    assert not (tmp_path / "run").exists()  # nothing was set up

@@ -63,17 +63,19 @@ class HookAccount:
         self.name, self.uid, self.gid, self.groups = name, uid, gid, groups
 
 
-def hook_account(name: str) -> HookAccount:
-    """``hook-user``'s ids; ConfigError if it does not exist or is root in any way."""
-    where = "[HOOKS] hook-user"
+def hook_account(name: str, source: str = "<config>") -> HookAccount:
+    """``hook-user``'s ids; ConfigError (naming ``source``, the config file) if it does not
+    exist or is root in any way."""
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
-        raise ConfigError(f"account {name!r} does not exist", where) from None
+        raise ConfigError(f"[HOOKS] hook-user: account {name!r} does not exist", source) from None
     groups = sorted(set(os.getgrouplist(name, pw.pw_gid)))
     if pw.pw_uid == 0 or pw.pw_gid == 0 or 0 in groups:
         raise ConfigError(
-            f"account {name!r} has uid 0 or is in group 0: hooks never run as root", where
+            f"[HOOKS] hook-user: account {name!r} has uid 0 or is in group 0: hooks never run "
+            "as root",
+            source,
         )
     return HookAccount(name, pw.pw_uid, pw.pw_gid, groups)
 
