@@ -28,7 +28,8 @@ Design
   ``prefilter-burst`` (default 200), ``prefilter-ipv6-prefix`` (default 64),
   ``prefilter-ipv6-group`` (default 48) and ``prefilter-spare`` (default 20000/s): the
   in-kernel pre-filter of a UDP control port, set up by fastknockfwd (``firewall/prefilter.py``);
-  ``[HOOKS]`` (``conf/hooks.py``).
+  ``[HOOKS]`` (``conf/hooks.py``); [RESOURCES] and its extensions (port ranges, prefix
+  opens): ``resources``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ __all__ = [
 import hashlib
 import os
 import re
-from collections.abc import Iterator
 from types import MappingProxyType
 from typing import Literal
 
@@ -61,16 +61,14 @@ from fastknock.conf.files import MAX_CONFIG_BYTES, read_config_file, too_large
 from fastknock.conf.hooks import hooks as parse_hooks
 from fastknock.conf.lexer import (
     U32_MAX,
-    Checker,
-    Item,
     RawOption,
     RawSection,
+    hex_id,
     lex,
     looks_numeric,
     lower_word,
     parse_bool,
     parse_float,
-    parse_id,
     parse_uint,
     show,
     split_items,
@@ -87,26 +85,13 @@ from fastknock.conf.model import (
     Resource,
     SeccompMode,
 )
+from fastknock.conf.resources import ResourceParser, protocols
 from fastknock.errors import ConfigError
 
 DEFAULT_CLIENT_CONFIG = "/etc/fastknock/fastknock.conf"
 DEFAULT_SERVER_CONFIG = "/etc/fastknock/fastknockd.conf"
 
 Role = Literal["server", "client"]
-
-
-def _protocols(values: list[str]) -> tuple[bool, bool, str | None]:
-    """The tcp/udp flags named by ``values`` (any case), and the first other word, if any."""
-    tcp = udp = False
-    for value in values:
-        proto = lower_word(value)
-        if proto == "tcp":
-            tcp = True
-        elif proto == "udp":
-            udp = True
-        else:
-            return tcp, udp, value
-    return tcp, udp, None
 
 
 # --------------------------------------------------------------------------- parsing
@@ -127,7 +112,6 @@ _NFTABLES = tuple(
 _PREFILTER_MAX = 1_000_000  # datagrams/s and burst: far above any real knock rate
 _CLIENT = ("default-user",)
 _FAMILIES = ("inet", "ip", "ip6")
-_CHAINS = ("input", "forward", "output")
 
 
 def config_checksum(data: bytes) -> bytes:
@@ -137,11 +121,9 @@ def config_checksum(data: bytes) -> bytes:
     return h.digest()
 
 
-def _uid(value: int) -> str:
-    return f"{value:08X}"
+class _Parser(ResourceParser):
+    """Every section but [RESOURCES] (``resources.ResourceParser``) lives here."""
 
-
-class _Parser(Checker):
     def __init__(self, source: str, role: Role) -> None:
         super().__init__(source)
         self.role = role
@@ -197,7 +179,7 @@ class _Parser(Checker):
                     self.fail(f"{where}: more than one port number", item.line)
                 port = self.uint(item.values[0], where, item.line, 1, 0xFFFF)
                 continue
-            t, u, bad = _protocols(item.values)
+            t, u, bad = protocols(item.values)
             if bad is not None:
                 self.fail(
                     f"{where}: unknown protocol {show(bad)} (expected tcp, udp or both)",
@@ -282,20 +264,6 @@ class _Parser(Checker):
 
     # -- [KEYS] -------------------------------------------------------------------------
 
-    def ids(
-        self, sect: RawSection, bad: str, duplicate: str, lines: dict[int, int]
-    ) -> Iterator[tuple[int, RawOption]]:
-        """The options of an id-keyed section ([KEYS], [RESOURCES]) with their ids, in file
-        order (so the first problem is the one reported); ``lines`` learns each id's line."""
-        for name, opt in sect.options.items():
-            ident = parse_id(name)
-            if ident is None:
-                self.fail(f"{bad} {show(strip(name))} (expected 8 hex digits)", opt.line)
-            if ident in lines:
-                self.fail(f"{duplicate} {_uid(ident)} (first on line {lines[ident]})", opt.line)
-            lines[ident] = opt.line
-            yield ident, opt
-
     def keys(self, sect: RawSection) -> dict[int, bytes]:
         found = self.ids(sect, "[KEYS] bad user id", "[KEYS] duplicate key for user", {})
         return {uid: self.key(opt, uid) for uid, opt in found}
@@ -303,7 +271,7 @@ class _Parser(Checker):
     def key(self, opt: RawOption, uid: int) -> bytes:
         # Never quote the value: not even a wrong one (it may be a real key with a typo).
         text = strip(opt.value)
-        what = f"[KEYS] key of user {_uid(uid)}"
+        what = f"[KEYS] key of user {hex_id(uid)}"
         if len(text) != 64:
             self.fail(f"{what}: must be 64 hex digits (got {len(text)})", opt.line)
         if not _KEY_HEX.fullmatch(text):
@@ -318,123 +286,6 @@ class _Parser(Checker):
                 opt.line,
             )
         return key
-
-    # -- [RESOURCES] --------------------------------------------------------------------
-
-    def resources(self, sect: RawSection) -> dict[int, Resource]:
-        lines: dict[int, int] = {}
-        found = self.ids(
-            sect, "[RESOURCES] bad resource id", "[RESOURCES] duplicate resource", lines
-        )
-        out = {rid: self.resource(rid, opt) for rid, opt in found}
-        self.check_ports(out, lines)
-        return out
-
-    def resource(self, rid: int, opt: RawOption) -> Resource:
-        where = f"[RESOURCES] resource {_uid(rid)}"
-        items = split_items(opt, self.source, where)
-        heads = [
-            it.key if it.key is not None else (it.values[0] if len(it.values) == 1 else None)
-            for it in items
-        ]
-        is_port, is_jump = "port" in heads, "jump" in heads
-        if is_port == is_jump:
-            self.fail(
-                f"{where}: must be either 'port: N ...' or 'jump / input: CHAIN ...'", opt.line
-            )
-        return self.port_resource(rid, where, items) if is_port else self.jump(rid, where, items)
-
-    def port_resource(self, rid: int, where: str, items: list[Item]) -> PortResource:
-        port: int | None = None
-        tcp = udp = False
-        common: dict[str, object] = {}
-        for it in items:
-            if it.key is None:
-                t, u, bad = _protocols(it.values)
-                if bad is not None:
-                    self.fail(f"{where}: unknown attribute {show(bad)}", it.line)
-                tcp, udp = tcp or t, udp or u
-            elif it.key == "port":
-                if port is not None:
-                    self.fail(f"{where}: more than one 'port:'", it.line)
-                if len(it.values) != 1:
-                    self.fail(f"{where}: 'port:' takes one number", it.line)
-                port = self.uint(it.values[0], f"{where} port", it.line, 1, 0xFFFF)
-            else:
-                self.common(where, it, common)
-        assert port is not None  # "port" was among the item heads
-        if not (tcp or udp):
-            tcp = True
-        return PortResource(rid, port, tcp, udp, **common)  # type: ignore[arg-type]
-
-    def jump(self, rid: int, where: str, items: list[Item]) -> JumpResource:
-        kw: dict[str, object] = {}
-        match_lines: dict[str, int] = {}
-        seen_jump = False
-        for it in items:
-            key = it.key
-            if key is None:
-                if it.values != ["jump"]:
-                    self.fail(f"{where}: unknown attribute {show(', '.join(it.values))}", it.line)
-                if seen_jump:
-                    self.fail(f"{where}: 'jump' given twice", it.line)
-                seen_jump = True
-            elif key in _CHAINS:
-                if key in kw:
-                    self.fail(f"{where}: more than one '{key}:'", it.line)
-                if len(it.values) != 1:
-                    self.fail(f"{where}: '{key}:' takes one chain name", it.line)
-                kw[key] = self.name(it.values[0], f"{where} {key}", it.line)
-            elif key.endswith("-match") and key[: -len("-match")] in _CHAINS:
-                chain = key[: -len("-match")]
-                if chain in match_lines:
-                    self.fail(f"{where}: more than one '{key}:'", it.line)
-                if it.values != ["saddr"]:
-                    self.fail(f"{where}: '{key}:' must be 'saddr'", it.line)
-                match_lines[chain] = it.line
-                kw[f"{chain}_match_saddr"] = True
-            elif key == "jump":
-                self.fail(f"{where}: 'jump' takes no value", it.line)
-            else:
-                self.common(where, it, kw)
-        if not any(chain in kw for chain in _CHAINS):
-            self.fail(
-                f"{where}: a jump resource needs 'input:', 'forward:' or 'output:'", items[0].line
-            )
-        for chain, line in match_lines.items():
-            if chain not in kw:
-                self.fail(f"{where}: '{chain}-match:' without '{chain}:'", line)
-        return JumpResource(rid, **kw)  # type: ignore[arg-type]
-
-    def common(self, where: str, it: Item, kw: dict[str, object]) -> None:
-        """``users:`` and ``timeout:``, shared by both resource kinds."""
-        key = it.key
-        if key not in ("users", "timeout"):
-            self.fail(f"{where}: unknown attribute {show(key or '')}", it.line)
-        if key in kw:
-            self.fail(f"{where}: more than one '{key}:'", it.line)
-        if key == "users":
-            kw["users"] = frozenset(self.id(v, f"{where} users", it.line) for v in it.values)
-        else:
-            if len(it.values) != 1:
-                self.fail(f"{where}: 'timeout:' takes one number", it.line)
-            kw["timeout"] = self.uint(it.values[0], f"{where} timeout", it.line, 1, U32_MAX)
-
-    def check_ports(self, resources: dict[int, Resource], lines: dict[int, int]) -> None:
-        seen: dict[tuple[int, str], int] = {}
-        for rid, res in resources.items():
-            if not isinstance(res, PortResource):
-                continue
-            for proto, on in (("tcp", res.tcp), ("udp", res.udp)):
-                if not on:
-                    continue
-                other = seen.setdefault((res.port, proto), rid)
-                if other != rid:
-                    self.fail(
-                        f"[RESOURCES] resource {_uid(rid)}: port {res.port}/{proto} is already "
-                        f"opened by resource {_uid(other)} (line {lines[other]})",
-                        lines[rid],
-                    )
 
 
 def parse_config(text: str | bytes, source: str = "<string>", role: Role = "server") -> Config:
@@ -483,6 +334,10 @@ def parse_config(text: str | bytes, source: str = "<string>", role: Role = "serv
             p.fail(f"unknown section {show(f'[{name}]')} (known: {known})", sect.line)
     if "NFTABLES" not in sections:
         p.nftables(None)  # raises on the server
+    if role == "server":  # the control port is known once every section is read
+        control_port = general.get("port", DEFAULT_CONTROL_PORT)
+        assert isinstance(control_port, int)
+        p.check_control_port(resources, control_port)
     return Config(
         source=source,
         checksum=config_checksum(data),

@@ -38,6 +38,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -71,6 +72,11 @@ def show(s: str) -> str:
     if len(s) > _SHOW_MAX or _HEX_RUN.search(s) or not s.isprintable():
         return f"<{len(s)} characters, not shown>"
     return repr(s)
+
+
+def hex_id(value: int) -> str:
+    """An id (user, resource) as the docs write it: 8 hex digits."""
+    return f"{value:08X}"
 
 
 def show_section(name: str) -> str:
@@ -302,6 +308,20 @@ class Checker:
                     f"[{sect.name}] unknown option {show(name)} (known: {', '.join(allowed)})",
                     opt.line,
                 )
+
+    def ids(
+        self, sect: RawSection, bad: str, duplicate: str, lines: dict[int, int]
+    ) -> Iterator[tuple[int, RawOption]]:
+        """The options of an id-keyed section ([KEYS], [RESOURCES]) with their ids, in file
+        order (so the first problem is the one reported); ``lines`` learns each id's line."""
+        for name, opt in sect.options.items():
+            ident = parse_id(name)
+            if ident is None:
+                self.fail(f"{bad} {show(strip(name))} (expected 8 hex digits)", opt.line)
+            if ident in lines:
+                self.fail(f"{duplicate} {hex_id(ident)} (first on line {lines[ident]})", opt.line)
+            lines[ident] = opt.line
+            yield ident, opt
 
     # -- scalars ------------------------------------------------------------------------
 
