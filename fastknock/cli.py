@@ -154,7 +154,7 @@ def _pick_resource(config: Config, args: argparse.Namespace, user: int) -> int:
     found = [
         r
         for r in config.resources.values()
-        if isinstance(r, PortResource) and r.port == args.port and config.allowed(user, r)
+        if isinstance(r, PortResource) and args.port in r.ports and config.allowed(user, r)
     ]
     if not found:
         raise UsageError(

@@ -59,8 +59,9 @@ from fastknock.errors import ConfigError, FastknockError, FirewallError
 from fastknock.firewall import hookproc
 from fastknock.firewall.daemon import Daemon, ServerAccount
 from fastknock.firewall.hooks import HookLeases, list_record
+from fastknock.firewall.leases import needs_ranges
 from fastknock.firewall.nft import Firewall, PortLease
-from fastknock.firewall.runner import LibNftables, make_runner
+from fastknock.firewall.runner import LibNftables, Runner, make_runner
 from fastknock.osutil import metrics, privs, runfiles, seccomp, systemd
 
 # concurrent.futures.thread is imported now, not lazily by asyncio.to_thread: after the drop
@@ -125,13 +126,23 @@ def _load(path: str) -> Config:
     return cfg
 
 
+def _firewall(cfg: Config, runner: Runner) -> Firewall:
+    """The nftables layer for ``cfg`` (interval sets if its resources need them)."""
+    assert cfg.nftables is not None
+    wide = needs_ranges(cfg)
+    if wide:
+        log.info("resources with port ranges or prefixes (interval sets): %s",
+                 " ".join(f"{rid:08X}" for rid in wide))  # fmt: skip
+    return Firewall(cfg.nftables, runner, cfg.port, cfg.port_tcp, cfg.port_udp, ranges=bool(wide))
+
+
 def list_leases(fw: Firewall, out: object = sys.stdout) -> int:
     rows = []
     for lease in sorted(fw.scan(), key=lambda x: str(x.key)):
         key = lease.key
         left = "permanent" if lease.remaining is None else f"{lease.remaining:.0f}s"
         if isinstance(key, PortLease):
-            rows.append(f"{key.addr!s:<40} {key.proto}/{key.port:<12} {left}")
+            rows.append(f"{key.addr!s:<40} {key.proto}/{key.ports:<12} {left}")
         else:
             addr = "any" if key.addr is None else str(key.addr)
             what = f"jump {key.hook}->{key.target} (res {key.resource:08X})"
@@ -244,7 +255,7 @@ async def _reload(args: argparse.Namespace, daemon: Daemon) -> None:
         # Read and parsed in a thread: a slow file never stalls the requests being served.
         cfg = await asyncio.to_thread(_load, args.config)
         assert cfg.nftables is not None
-        fw = Firewall(cfg.nftables, daemon.fw.runner, cfg.port, cfg.port_tcp, cfg.port_udp)
+        fw = _firewall(cfg, daemon.fw.runner)
         await asyncio.to_thread(fw.setup)
         for warning in permissions.permission_warnings(args.config, cfg, "server"):
             log.warning("%s", warning)
@@ -372,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.seccomp_mode == "kill" and not isinstance(runner, LibNftables):
             log.error("seccomp = kill needs libnftables: the nft executable cannot run under it")
             return 2
-        fw = Firewall(cfg.nftables, runner, cfg.port, cfg.port_tcp, cfg.port_udp)
+        fw = _firewall(cfg, runner)
         if args.list:
             code = list_leases(fw)
             if hookproc.wanted(cfg.hooks):

@@ -17,6 +17,7 @@ import pytest
 from fastknock import ipc
 from fastknock.conf.config import Config, JumpResource, NftablesConfig, PortResource
 from fastknock.firewall.daemon import Daemon, ServerAccount
+from fastknock.firewall.holders import Claim
 from fastknock.firewall.nft import Change, Firewall, LiveLease, PortLease
 from fastknock.ipc import FwOp, FwRequest, FwStatus
 
@@ -122,13 +123,14 @@ def test_unicast_and_loopback_still_allowed(addr: str) -> None:
 
 def test_changes_per_resource() -> None:
     d = daemon()
+    a9, a1 = ipaddress.IPv4Address("192.0.2.9"), ipaddress.IPv4Address("192.0.2.1")
     changes = d.validate(req(2, "::ffff:192.0.2.9"))
     assert changes == [
-        Change(PortLease(ipaddress.IPv4Address("192.0.2.9"), "tcp", 53), True, 30),
-        Change(PortLease(ipaddress.IPv4Address("192.0.2.9"), "udp", 53), True, 30),
+        Claim(PortLease(a9, "tcp", 53), (USER, a9), True, 30),
+        Claim(PortLease(a9, "udp", 53), (USER, a9), True, 30),
     ]
     assert d.validate(req(1, op=FwOp.REVOKE)) == [
-        Change(PortLease(ipaddress.IPv4Address("192.0.2.1"), "tcp", 22), False, 600)
+        Claim(PortLease(a1, "tcp", 22), (USER, a1), False, 600)
     ]
 
 

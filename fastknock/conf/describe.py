@@ -26,7 +26,8 @@ def summary(config: Config) -> str:
         users = "all" if res.users is None else ",".join(f"{u:08X}" for u in sorted(res.users))
         timeout = f"{res.timeout} s" if res.timeout is not None else "default"
         if isinstance(res, PortResource):
-            what = f"port {res.port}/" + ",".join(
+            last = "" if res.port_last is None else f"-{res.port_last}"
+            what = f"port {res.port}{last}/" + ",".join(
                 p for p, on in (("tcp", res.tcp), ("udp", res.udp)) if on
             )
         else:
@@ -34,6 +35,8 @@ def summary(config: Config) -> str:
                 f"{hook}:{chain}" for hook, chain in
                 (("input", res.input), ("forward", res.forward), ("output", res.output)) if chain
             )  # fmt: skip
+        if (res.ipv4_prefix, res.ipv6_prefix) != (32, 128):  # issue 15's prefix opens
+            what += f"  opens the knocker's IPv4 /{res.ipv4_prefix}, IPv6 /{res.ipv6_prefix}"
         lines.append(f"  {rid:08X}  {what}  users {users}  timeout {timeout}")
     if config.nftables is not None:
         n = config.nftables

@@ -55,7 +55,9 @@ from fastknock import ipc
 from fastknock.conf.model import Config, JumpResource, Refusal
 from fastknock.errors import FirewallError, WireError
 from fastknock.firewall import prefilter
-from fastknock.firewall.nft import Change, Firewall, JumpLease, LeaseKey, PortLease
+from fastknock.firewall.holders import Claim, Draft, Holdings
+from fastknock.firewall.leases import JumpLease, LeaseKey, PortLease, source
+from fastknock.firewall.nft import Firewall
 from fastknock.ipc import FwOp, FwRequest, FwStatus
 from fastknock.osutil import metrics
 
@@ -78,7 +80,7 @@ PREFILTER_POLL = 10.0  # seconds between readings of the pre-filter's counters
 
 @dataclass
 class _Item:
-    changes: list[Change]
+    claims: list[Claim]
     install: bool
     future: asyncio.Future[FwStatus] | None  # None: internal (jump expiry)
     deadline_ms: int | None = None  # ipc.now_ms() after which the requester stopped waiting
@@ -103,7 +105,7 @@ class Daemon:
     account: ServerAccount
     clock: Callable[[], float] = time.time
     mono_ms: Callable[[], int] = ipc.now_ms  # the clock of request deadlines
-    leases: dict[LeaseKey, float] = field(default_factory=dict)  # key -> deadline
+    holdings: Holdings = field(default_factory=Holdings)  # live kernel objects, holders
     counts: Counter[str] = field(default_factory=Counter)
     _queue: list[_Item] = field(default_factory=list)
     _worker: asyncio.Task[None] | None = None
@@ -118,23 +120,26 @@ class Daemon:
 
     # -- state from the kernel --
 
+    @property
+    def leases(self) -> dict[LeaseKey, float]:
+        """Live kernel objects -> the deadline the kernel holds (a copy)."""
+        return self.holdings.deadlines()
+
     def load(self) -> None:
-        """(Re)read the live leases from the kernel."""
+        """(Re)read the live leases from the kernel (``Holdings.load``)."""
         now = self._now()
-        self.leases = {
-            lease.key: now + lease.remaining if lease.remaining is not None else float("inf")
+        self.holdings.load(
+            (lease.key, now + lease.remaining if lease.remaining is not None else float("inf"))
             for lease in self.fw.scan()
-        }
+        )
 
     def prune_expired(self) -> None:
-        """Forget port leases whose deadline passed: the kernel has expired them."""
-        now = self._now()
-        for key in [k for k, d in self.leases.items() if d <= now and isinstance(k, PortLease)]:
-            del self.leases[key]
+        """Forget expired holders, and port leases the kernel has expired."""
+        self.holdings.prune(self._now())
 
     def live_count(self) -> int:
-        """Leases the cap counts (prune first for an up-to-date count)."""
-        return len(self.leases)
+        """Leases the cap counts: holders (prune first for an up-to-date count)."""
+        return self.holdings.count()
 
     @property
     def stats(self) -> dict[str, int]:
@@ -146,7 +151,9 @@ class Daemon:
             "transactions": s.transactions,
             "changes": s.changes,
             "fallbacks": s.fallbacks,
-            "live": len(self.leases),
+            "live": len(self.holdings.entries),
+            "holders": self.holdings.count(),
+            "wide": sum(1 for k in self.holdings.entries if isinstance(k, PortLease) and k.wide),
             "batches": self.counts["batches"],
             "failed_transactions": s.failed_transactions,
             "refused_peers": self.counts["refused_peers"],
@@ -164,8 +171,8 @@ class Daemon:
 
     # -- requests --
 
-    def validate(self, req: FwRequest) -> FwStatus | list[Change]:
-        """The changes ``req`` asks for, or why it is refused."""
+    def validate(self, req: FwRequest) -> FwStatus | list[Claim]:
+        """The claims ``req`` makes (one per kernel object), or why it is refused."""
         cfg, nft = self.cfg, self.cfg.nftables
         assert nft is not None
         if not hmac.compare_digest(req.checksum, cfg.checksum):
@@ -178,6 +185,8 @@ class Daemon:
             return FwStatus[res.name]  # UNKNOWN_RESOURCE, USER_NOT_ALLOWED, BAD_PORT
         install = req.op == FwOp.INSTALL
         timeout = res.timeout if res.timeout is not None else nft.timeout
+        holder = (req.user, addr)
+        src = source(addr, res.ipv4_prefix, res.ipv6_prefix)
         if isinstance(res, JumpResource):
             changes = []
             for hook, target, match in (
@@ -190,11 +199,14 @@ class Daemon:
                 if self.fw.chains[hook] is None:
                     log.error("resource %08X needs [NFTABLES] chain-%s", res.id, hook)
                     return FwStatus.FIREWALL_ERROR
-                lease = JumpLease(res.id, hook, target, addr if match else None)
-                changes.append(Change(lease, install, timeout))
+                lease = JumpLease(res.id, hook, target, src if match else None)
+                changes.append(Claim(lease, holder, install, timeout))
             return changes
         protos = [p for p, on in (("tcp", res.tcp), ("udp", res.udp)) if on]
-        return [Change(PortLease(addr, p, res.port), install, timeout) for p in protos]
+        return [
+            Claim(PortLease(src, p, res.port, res.port_last), holder, install, timeout)
+            for p in protos
+        ]
 
     async def submit(self, req: FwRequest) -> FwStatus:
         self.counts["requests"] += 1
@@ -239,9 +251,9 @@ class Daemon:
         assert self.cfg.nftables is not None
         self.counts["batches"] += 1
         cap = self.cfg.nftables.max_nr_rules
-        planned: dict[LeaseKey, Change] = {}
         accepted: list[_Item] = []
         self.prune_expired()
+        draft = Draft(self.holdings, self._now())
         live = self.live_count()
         resynced = False
         now_ms = self.mono_ms()  # the last deadline check before these changes are applied
@@ -251,60 +263,50 @@ class Daemon:
                     item.future.set_result(FwStatus.EXPIRED)
                 continue
             if item.install:
-                new = {c.key for c in item.changes if c.key not in self.leases}
-                new -= planned.keys()
-                if live + len(new) > cap and not resynced:
-                    resynced = True
+                new = draft.new_entries(item.claims)
+                if live + new > cap and not resynced:
+                    resynced = True  # leases removed by hand or expired free their room
                     await asyncio.to_thread(self.load)
                     self.prune_expired()
-                    live = self.live_count() + sum(1 for k in planned if k not in self.leases)
-                    new = {c.key for c in item.changes if c.key not in self.leases}
-                    new -= planned.keys()
-                if live + len(new) > cap:
+                    planned = [c for i in accepted for c in i.claims]
+                    draft = Draft(self.holdings, draft.now)
+                    live = self.live_count() + draft.new_entries(planned)
+                    draft.apply(planned)
+                    new = draft.new_entries(item.claims)
+                if live + new > cap:
                     if item.future is not None:
                         item.future.set_result(FwStatus.LIMIT)
                     continue
-                live += len(new)
-            for change in item.changes:
-                planned.pop(change.key, None)
-                planned[change.key] = change  # the last change to a key wins
+                live += new
+            draft.apply(item.claims)
             accepted.append(item)
-        changes = list(planned.values())
+        changes = draft.changes()
         errors = await asyncio.to_thread(self.fw.apply, changes) if changes else []
-        now = self._now()
         failed = set()
         for change, error in zip(changes, errors, strict=True):
             if error is not None:
                 failed.add(change.key)
                 log.error("nftables refused %s: %s", change, error)
-            elif change.install:
-                self.leases[change.key] = now + change.timeout
-            else:
-                self.leases.pop(change.key, None)
-        self._expiring.difference_update(planned)
+        draft.commit(failed)
+        self._expiring.difference_update(draft.touched)
         log.debug(
             "transaction batch: %d requests, %d changes, %d failed; totals %s",
             len(batch), len(changes), len(failed), self.stats,
         )  # fmt: skip
         for item in accepted:
             if item.future is not None:
-                bad = any(c.key in failed for c in item.changes)
+                bad = any(c.key in failed for c in item.claims)
                 item.future.set_result(FwStatus.FIREWALL_ERROR if bad else FwStatus.ACK)
 
     async def sweep(self) -> None:
         """Remove jump leases whose deadline passed (port leases expire in the kernel)."""
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            now = self._now()
-            due = [
-                k
-                for k, d in self.leases.items()
-                if isinstance(k, JumpLease) and d <= now and k not in self._expiring
-            ]
+            due = [k for k in self.holdings.due_jumps(self._now()) if k not in self._expiring]
             if due:
                 self._expiring.update(due)
                 log.info("expiring %d jump lease(s)", len(due))
-                self._enqueue(_Item([Change(k, False) for k in due], False, None))
+                self._enqueue(_Item([Claim(k, None, False) for k in due], False, None))
 
     async def watch_prefilter(self) -> None:
         """Read the pre-filter's counters periodically; warn (rate-limited) while it sheds."""

@@ -50,7 +50,6 @@ The runners (libnftables in-process, or the ``nft`` executable) are ``runner``; 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 import secrets
@@ -59,51 +58,45 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from fastknock.addr import IPAddress
 from fastknock.conf.config import NftablesConfig
 from fastknock.errors import FirewallError
 from fastknock.firewall import prefilter
+from fastknock.firewall.leases import (
+    HOOKS,
+    JUMP_PREFIX,
+    Change,
+    JumpLease,
+    LeaseKey,
+    LiveLease,
+    PortLease,
+    Source,
+    jump_comment,
+    parse_elements,
+    parse_jump_comment,
+)
 from fastknock.firewall.runner import Runner
 
+__all__ = [
+    "COMMENT_PREFIX",
+    "HOOKS",
+    "JUMP_PREFIX",
+    "RANGES_SUFFIX",
+    "SET_PREFIX",
+    "Change",
+    "Firewall",
+    "JumpLease",
+    "LeaseKey",
+    "LiveLease",
+    "PortLease",
+    "Stats",
+    "jump_comment",
+    "parse_jump_comment",
+]
+
 SET_PREFIX = "fastknock_"
+RANGES_SUFFIX = "_ranges"
 COMMENT_PREFIX = "fastknock:"
-JUMP_PREFIX = "fastknock:jump:"
-HOOKS = ("input", "forward", "output")
 _NAME_RE = re.compile(r"^[A-Za-z_.][A-Za-z0-9/_.-]{0,255}$")
-
-
-# --- leases ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PortLease:
-    addr: IPAddress
-    proto: str  # "tcp" | "udp"
-    port: int
-
-
-@dataclass(frozen=True, slots=True)
-class JumpLease:
-    resource: int
-    hook: str  # "input" | "forward" | "output"
-    target: str
-    addr: IPAddress | None  # None: no saddr match (shared by every knocker)
-
-
-LeaseKey = PortLease | JumpLease
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    key: LeaseKey
-    install: bool
-    timeout: int = 0  # seconds; installs only
-
-
-@dataclass(frozen=True, slots=True)
-class LiveLease:
-    key: LeaseKey
-    remaining: float | None  # seconds; None: no timeout (added by hand)
 
 
 @dataclass
@@ -114,7 +107,7 @@ class Stats:
     fallbacks: int = 0  # failed batches re-applied one by one
 
 
-def _ipfam(addr: IPAddress) -> str:
+def _ipfam(addr: Source) -> str:
     return "ip" if addr.version == 4 else "ip6"
 
 
@@ -131,7 +124,10 @@ class Firewall:
         control_udp: bool = False,
         clock: Callable[[], float] = time.time,
         seed: int | None = None,
+        ranges: bool = False,
     ) -> None:
+        """``ranges``: the config has port ranges or prefix opens (``needs_ranges``): the
+        interval sets must exist, or ``setup`` fails saying why."""
         if cfg.family not in ("inet", "ip", "ip6"):
             raise FirewallError(f"unknown nftables family {cfg.family!r}")
         for name in (cfg.table, cfg.chain_input, cfg.chain_forward, cfg.chain_output):
@@ -153,13 +149,24 @@ class Firewall:
         # The pre-filter's hash seed: secret, new at each start (and reload).
         self.seed = secrets.randbits(32) if seed is None else seed
         self.prefilter = prefilter.active(cfg, self._udp_control_port())
+        self.needs_ranges = ranges
+        self.ranges = ranges  # the interval sets are in use (also: found from before)
 
     # -- names --
 
-    def set_name(self, proto: str, version: int) -> str:
-        return f"{SET_PREFIX}{proto}{version}"
+    def set_name(self, proto: str, version: int, wide: bool = False) -> str:
+        return f"{SET_PREFIX}{proto}{version}{RANGES_SUFFIX if wide else ''}"
 
-    def supports(self, addr: IPAddress) -> bool:
+    def lease_sets(self) -> list[tuple[str, str, int, bool]]:
+        """(name, proto, version, wide) of every lease set in use."""
+        return [
+            (self.set_name(proto, version, wide), proto, version, wide)
+            for wide in ((False, True) if self.ranges else (False,))
+            for version in self.versions
+            for proto in ("tcp", "udp")
+        ]
+
+    def supports(self, addr: Source) -> bool:
         return addr.version in self.versions
 
     # -- start-up --
@@ -183,13 +190,10 @@ class Firewall:
         rules: dict[str, str] = {}
         for proto, port in self.control:
             rules[f"{COMMENT_PREFIX}control-{proto}:{port}"] = f"{proto} dport {port} accept"
-        for version in self.versions:
-            for proto in ("tcp", "udp"):
-                name = self.set_name(proto, version)
-                ipf = "ip" if version == 4 else "ip6"
-                rules[f"{COMMENT_PREFIX}{proto}{version}"] = (
-                    f"{ipf} saddr . {proto} dport @{name} accept"
-                )
+        for name, proto, version, wide in self.lease_sets():
+            ipf = "ip" if version == 4 else "ip6"
+            tag = f"{proto}{version}{RANGES_SUFFIX if wide else ''}"
+            rules[f"{COMMENT_PREFIX}{tag}"] = f"{ipf} saddr . {proto} dport @{name} accept"
         return rules
 
     def _udp_control_port(self) -> int | None:
@@ -203,14 +207,14 @@ class Firewall:
         """Create missing sets and static rules; drop stale or duplicated own static rules;
         put the pre-filter in place (or remove it)."""
         self.require_chains()
+        self._setup_ranges()
         cmds = []
-        for version in self.versions:
+        for name, _proto, version, wide in self.lease_sets():
             typ = "ipv4_addr" if version == 4 else "ipv6_addr"
-            for proto in ("tcp", "udp"):
-                cmds.append(
-                    f"add set {self._where} {self.set_name(proto, version)} "
-                    f"{{ type {typ} . inet_service; flags timeout; }}"
-                )
+            flags = "interval, timeout" if wide else "timeout"
+            cmds.append(
+                f"add set {self._where} {name} {{ type {typ} . inet_service; flags {flags}; }}"
+            )
         wanted = self.static_rules()
         seen: set[str] = set()
         chain = self.cfg.chain_input
@@ -233,6 +237,34 @@ class Firewall:
             if comment not in seen:
                 cmds.append(f'add rule {self._where} {chain} {rule} comment "{comment}"')
         self.runner.run("\n".join(cmds))
+
+    def _setup_ranges(self) -> None:
+        """Create the interval sets if the config needs them (one transaction of their own,
+        so a kernel without them is named as the cause); keep serving them if they exist
+        from an earlier config (their leases stay until they expire)."""
+        if not self.needs_ranges:
+            self.ranges = self._exists(
+                f"set {self._where} {self.set_name('tcp', self.versions[0], True)}"
+            )
+            return
+        cmds = []
+        for version in self.versions:
+            typ = "ipv4_addr" if version == 4 else "ipv6_addr"
+            for proto in ("tcp", "udp"):
+                cmds.append(
+                    f"add set {self._where} {self.set_name(proto, version, True)} "
+                    f"{{ type {typ} . inet_service; flags interval, timeout; }}"
+                )
+        try:
+            self.runner.run("\n".join(cmds))
+        except FirewallError as exc:
+            raise FirewallError(
+                "this kernel or nft cannot hold port ranges or prefix leases (ipv4-prefix, "
+                "ipv6-prefix, port: A-B in [RESOURCES]): it refused a set with 'flags "
+                "interval, timeout' over 'ADDRESS . inet_service' (concatenated ranges need "
+                f"Linux 5.6 and nft 0.9.4 or later). Remove those attributes or upgrade. ({exc})"
+            ) from exc
+        self.ranges = True
 
     # -- reading the kernel --
 
@@ -280,19 +312,23 @@ class Firewall:
     def scan(self) -> list[LiveLease]:
         """Every live lease in the kernel: set elements and per-lease jump rules."""
         leases: list[LiveLease] = []
-        for version in self.versions:
-            for proto in ("tcp", "udp"):
-                name = self.set_name(proto, version)
-                try:
-                    items = self._json(f"list set {self._where} {name}")
-                except FirewallError:
-                    if self._exists(f"set {self._where} {name}"):
-                        raise
-                    continue  # not created yet (the daemon never ran): no leases
-                for item in items:
-                    body = item.get("set")
-                    if isinstance(body, dict):
-                        leases.extend(_set_leases(body.get("elem", ()), proto))
+        sets = [
+            (self.set_name(proto, version, wide), proto)
+            for wide in (False, True)  # the interval sets too, if any: --list before setup
+            for version in self.versions
+            for proto in ("tcp", "udp")
+        ]
+        for name, proto in sets:
+            try:
+                items = self._json(f"list set {self._where} {name}")
+            except FirewallError:
+                if self._exists(f"set {self._where} {name}"):
+                    raise
+                continue  # not created yet (the daemon never ran, no ranges): no leases
+            for item in items:
+                body = item.get("set")
+                if isinstance(body, dict):
+                    leases.extend(parse_elements(body.get("elem", ()), proto))
         now = self.clock()
         for lease, deadline in self._jump_rules().values():
             leases.append(LiveLease(lease, max(0.0, deadline - now)))
@@ -365,8 +401,10 @@ class Firewall:
             if isinstance(key, PortLease):
                 if not self.supports(key.addr):
                     raise FirewallError(f"{key.addr} is not in nftables family {self.cfg.family}")
-                name = self.set_name(key.proto, key.addr.version)
-                elem = f"{key.addr} . {key.port}"
+                if key.wide and not self.ranges:
+                    raise FirewallError(f"no interval sets for the range/prefix lease {key}")
+                name = self.set_name(key.proto, key.addr.version, key.wide)
+                elem = key.element()
                 touched.setdefault(name, []).append(elem)
                 if change.install:
                     fresh.setdefault(name, []).append(f"{elem} timeout {change.timeout}s")
@@ -383,15 +421,12 @@ class Firewall:
                     f'add rule {self._where} {chain} {match}jump {key.target} comment "{comment}"'
                 )
         for change in changes if self.prefilter else ():  # proven sources pass first
-            addr = getattr(change.key, "addr", None)
-            if change.install and addr is not None:
+            for addr, seconds in change.proven_sources():  # exact knockers, never a prefix
                 name = f"{prefilter.PROVEN_SET}{addr.version}"
                 touched.setdefault(name, [])
                 if str(addr) not in touched[name]:
                     touched[name].append(str(addr))
-                    fresh.setdefault(name, []).append(
-                        prefilter.proven_element(addr, change.timeout)
-                    )
+                    fresh.setdefault(name, []).append(prefilter.proven_element(addr, seconds))
         cmds = []
         for name, elems in touched.items():
             # add (no-op if present) + delete: works whether or not the element exists.
@@ -400,44 +435,3 @@ class Firewall:
             if name in fresh:
                 cmds.append(f"add element {self._where} {name} {{ {', '.join(fresh[name])} }}")
         return cmds + jumps
-
-
-def jump_comment(lease: JumpLease, deadline: int) -> str:
-    addr = "any" if lease.addr is None else str(lease.addr)
-    return f"{JUMP_PREFIX}{lease.resource:08x}:{lease.hook}:{lease.target}:{addr}:{deadline}"
-
-
-def parse_jump_comment(comment: str) -> tuple[JumpLease, float] | None:
-    """Inverse of ``jump_comment``; None if ``comment`` is not one of ours."""
-    if not comment.startswith(JUMP_PREFIX):
-        return None
-    try:
-        res, hook, target, rest = comment[len(JUMP_PREFIX) :].split(":", 3)
-        addr_text, deadline = rest.rsplit(":", 1)
-        addr = None if addr_text == "any" else ipaddress.ip_address(addr_text)
-        if hook not in HOOKS:
-            return None
-        return JumpLease(int(res, 16), hook, target, addr), float(int(deadline))
-    except ValueError:
-        return None
-
-
-def _set_leases(elems: Any, proto: str) -> list[LiveLease]:
-    leases = []
-    for item in elems if isinstance(elems, list) else ():
-        remaining: float | None = None
-        val = item
-        if isinstance(item, dict) and "elem" in item:
-            body = item["elem"]
-            val = body.get("val")
-            if "expires" in body:
-                remaining = float(body["expires"])
-            elif "timeout" in body:
-                remaining = float(body["timeout"])
-        try:
-            addr_text, port = val["concat"]
-            key = PortLease(ipaddress.ip_address(addr_text), proto, int(port))
-        except (TypeError, KeyError, ValueError):
-            continue
-        leases.append(LiveLease(key, remaining))
-    return leases

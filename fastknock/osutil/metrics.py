@@ -165,14 +165,15 @@ def fwd_families(
         Family(name, "counter", text, [Sample(stats.get(key, 0))])
         for key, (name, text) in _FWD_COUNTERS.items()
     ]
-    fams.append(
-        Family(
-            "fastknockfwd_leases",
-            "gauge",
-            "Live leases (port set elements and jump rules) the daemon knows of.",
-            [Sample(stats.get("live", 0))],
-        )
-    )
+    for name, key, text in (
+        ("fastknockfwd_leases", "live",
+         "Live leases (port set elements and jump rules) the daemon knows of."),
+        ("fastknockfwd_wide_leases", "wide",
+         "Live port leases that are a prefix or a port range (interval sets)."),
+        ("fastknockfwd_lease_holders", "holders",
+         "Knockers (user, address) holding a live lease: what max-nr-rules counts."),
+    ):  # fmt: skip
+        fams.append(Family(name, "gauge", text, [Sample(stats.get(key, 0))]))
     if prefilter is not None:
         fams += _prefilter_families(prefilter)
     if hooks is not None:

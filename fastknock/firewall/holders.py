@@ -1,0 +1,162 @@
+"""Who holds each kernel lease, so overlapping holders never cut each other short.
+
+Design
+------
+* One kernel object (``leases.LeaseKey``: a set element or a jump rule) may be held by
+  several knockers at once: two addresses of one /24 with ``ipv4-prefix: 24``, two users
+  on one address, every knocker of a jump without ``saddr`` match. A holder is ``(user,
+  knocker address)``, with its own deadline. The kernel object lives until the *latest*
+  deadline of its holders: a knock sets the holder's deadline and re-sets the object to
+  the latest one (so a re-knock whose deadline is earlier than another holder's does not
+  shorten it); a revoke drops that holder only, and the object is removed when no holder
+  is left, else re-set to the latest remaining deadline.
+* A batch of requests is planned on a ``Draft`` (a copy of the touched keys' holders);
+  ``Draft.changes`` gives one ``Change`` per touched key, and ``Draft.commit`` keeps the
+  new holders of the keys whose change the kernel took (a refused change leaves its key
+  as it was).
+* In memory only. After a restart (or for an element added by hand) a live kernel object
+  has one *unknown* holder (``None``) until its kernel deadline; a revoke of the key drops
+  it too (the revoker may be the one who knocked before the restart: a revoke must close
+  what it asks to close), so the first revoke after a restart removes a shared prefix
+  lease as fastknock did before holders existed; holders that knocked after the restart
+  are tracked.
+* The cap counts holders: ``count`` is the number of (key, holder) pairs, a key with no
+  holder left (a jump rule waiting for the sweeper) counts 1. That bounds this table by
+  ``max-nr-rules`` whatever the prefix (a /64 has 2**64 addresses), and kernel objects are
+  never more than holders.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from fastknock.addr import IPAddress
+from fastknock.firewall.leases import Change, JumpLease, LeaseKey
+
+__all__ = ["Claim", "Draft", "Holder", "Holdings"]
+
+Holder = tuple[int, IPAddress] | None  # (user, knocker address); None: unknown (restart)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One holder's install (for ``timeout`` seconds) or revoke of one key; holder None
+    with ``install=False``: expiry (drop the holders that are due; no holder left: remove)."""
+
+    key: LeaseKey
+    holder: Holder
+    install: bool
+    timeout: int = 0
+
+
+@dataclass(slots=True)
+class _Entry:
+    deadline: float  # what the kernel holds: the element's expiry, the rule's comment
+    holders: dict[Holder, float] = field(default_factory=dict)
+
+
+class Holdings:
+    """The live kernel objects and their holders."""
+
+    def __init__(self) -> None:
+        self.entries: dict[LeaseKey, _Entry] = {}
+
+    def deadlines(self) -> dict[LeaseKey, float]:
+        return {key: e.deadline for key, e in self.entries.items()}
+
+    def count(self) -> int:
+        return sum(len(e.holders) or 1 for e in self.entries.values())
+
+    def holders(self, key: LeaseKey) -> dict[Holder, float]:
+        entry = self.entries.get(key)
+        return {} if entry is None else dict(entry.holders)
+
+    def load(self, live: Iterable[tuple[LeaseKey, float]]) -> None:
+        """What the kernel holds now (key, deadline): known holders of keys still there
+        stay, new keys get the unknown holder, keys gone from the kernel are forgotten."""
+        old, self.entries = self.entries, {}
+        for key, deadline in live:
+            entry = old.get(key)
+            if entry is not None and entry.holders:
+                self.entries[key] = _Entry(deadline, entry.holders)
+            else:
+                self.entries[key] = _Entry(deadline, {None: deadline})
+
+    def prune(self, now: float) -> None:
+        """Drop holders whose deadline passed, and port keys the kernel has expired (a
+        jump rule stays, holder-less, until the sweeper removes it)."""
+        for key in list(self.entries):
+            entry = self.entries[key]
+            entry.holders = {h: d for h, d in entry.holders.items() if d > now}
+            if entry.deadline <= now and not isinstance(key, JumpLease):
+                del self.entries[key]
+
+    def due_jumps(self, now: float) -> list[JumpLease]:
+        return [
+            k for k, e in self.entries.items() if isinstance(k, JumpLease) and e.deadline <= now
+        ]
+
+
+class Draft:
+    """The holder changes of one batch, planned at ``now``."""
+
+    def __init__(self, base: Holdings, now: float) -> None:
+        self.base = base
+        self.now = now
+        self.touched: dict[LeaseKey, dict[Holder, float]] = {}
+        self.proven: dict[LeaseKey, dict[IPAddress, int]] = {}
+
+    def _holders(self, key: LeaseKey) -> dict[Holder, float]:
+        if key not in self.touched:
+            self.touched[key] = self.base.holders(key)
+        return self.touched[key]
+
+    def new_entries(self, claims: Iterable[Claim]) -> int:
+        """How much ``claims`` would add to ``Holdings.count``."""
+        added = 0
+        for c in claims:
+            if not c.install:
+                continue
+            held = self.touched[c.key] if c.key in self.touched else self.base.holders(c.key)
+            exists = c.key in self.touched or c.key in self.base.entries
+            if c.holder not in held and (held or not exists):
+                added += 1
+        return added
+
+    def apply(self, claims: Iterable[Claim]) -> None:
+        for c in claims:
+            held = self._holders(c.key)
+            if c.install:
+                held[c.holder] = self.now + c.timeout
+                if c.holder is not None:
+                    self.proven.setdefault(c.key, {})[c.holder[1]] = c.timeout
+            elif c.holder is None:  # expiry: drops only holders that are due
+                for holder in [h for h, d in held.items() if d <= self.now]:
+                    del held[holder]
+            else:
+                held.pop(c.holder, None)
+                held.pop(None, None)  # the unknown holder may be this one (restart)
+
+    def changes(self) -> list[Change]:
+        """One change per touched key: re-set to its latest holder deadline, or remove."""
+        out = []
+        for key, held in self.touched.items():
+            if not held:
+                out.append(Change(key, False))
+                continue
+            timeout = max(1, math.ceil(max(held.values()) - self.now))
+            proven = tuple(self.proven.get(key, {}).items())
+            out.append(Change(key, True, timeout, proven))
+        return out
+
+    def commit(self, failed: set[LeaseKey]) -> None:
+        entries = self.base.entries
+        for key, held in self.touched.items():
+            if key in failed:
+                continue
+            if held:
+                entries[key] = _Entry(max(held.values()), dict(held))
+            else:
+                entries.pop(key, None)
