@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastknock import server
 from fastknock.conf.config import JumpResource, PortResource, load_config, parse_config
 from fastknock.errors import ConfigError
 
@@ -212,3 +213,23 @@ def test_letmein_configs_load_without_extensions(name: str, role: str) -> None:
         assert (r.ipv4_prefix, r.ipv6_prefix) == (32, 128)
         if isinstance(r, PortResource):
             assert r.port_last is None and len(r.ports) == 1
+
+
+def test_check_config_shows_ranges_and_prefixes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = tmp_path / "fastknockd.conf"
+    conf.write_text(
+        f"{SERVER}00000301 = port: 2301 / ipv4-prefix: 24 / ipv6-prefix: 64\n"
+        "00000303 = port: 60000-60002 / udp\n00000304 = port: 22\n"
+    )
+    conf.chmod(0o600)
+    assert server.main(["-c", str(conf), "--check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "00000301  port 2301/tcp  opens the knocker's IPv4 /24, IPv6 /64  users all" in out
+    assert "00000303  port 60000-60002/udp  users all" in out
+    assert "00000304  port 22/tcp  users all" in out  # the control: plain as before
+    conf.write_text(conf.read_text().replace("60000-60002", "5000-6000"))
+    assert server.main(["-c", str(conf), "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert f"{conf}:{HEADER_LINES + 2}:" in err and "includes the control port 5800" in err
