@@ -196,3 +196,40 @@ def test_proven_addresses_are_the_exact_knockers() -> None:
     [change] = fw.batches[0]
     assert change == Change(PREFIX, True, 600, ((A1, 600), (A2, 600)))
     assert [a for a, _ in change.proven_sources()] == [A1, A2]
+
+
+def _reshaped(d: Daemon, **kw: object) -> None:
+    """As a reload does: resource 0x10 with other attributes."""
+    res = dataclasses.replace(d.cfg.resources[0x10], **kw)  # type: ignore[type-var]
+    d.cfg = dataclasses.replace(d.cfg, resources=MappingProxyType({**d.cfg.resources, 0x10: res}))
+
+
+def test_a_knock_of_the_new_shape_replaces_an_overlapping_old_one() -> None:
+    d = daemon()
+    _reshaped(d, ipv4_prefix=16)
+    run(d, req(0x10, "192.0.2.1"), req(0x10, "192.0.2.2", user=USER2))
+    old = PortLease(ipaddress.ip_network("192.0.0.0/16"), "tcp", 22)
+    unrelated = PortLease(ipaddress.ip_network("198.51.0.0/16"), "tcp", 22)
+    run(d, req(0x10, "198.51.100.1"))
+    _reshaped(d, ipv4_prefix=24)  # the admin narrows it
+    assert run(d, req(0x10, "192.0.2.1")) == [FwStatus.ACK]
+    assert set(kernel(d)) == {PREFIX, unrelated}  # /16 replaced; the other /16 untouched
+    fw = d.fw
+    assert isinstance(fw, FakeFirewall)
+    assert {(c.key, c.install) for c in fw.batches[-1]} == {(old, False), (PREFIX, True)}
+
+
+def test_a_revoke_of_the_new_shape_releases_the_old_one() -> None:
+    d = daemon()
+    _reshaped(d, ipv4_prefix=16)
+    run(d, req(0x10, "192.0.2.1"), req(0x10, "192.0.2.2", user=USER2))
+    old = PortLease(ipaddress.ip_network("192.0.0.0/16"), "tcp", 22)
+    _reshaped(d, ipv4_prefix=24)
+    assert run(d, req(0x10, "192.0.2.1", op=FwOp.REVOKE)) == [FwStatus.ACK]
+    assert set(kernel(d)) == {old} and d.stats["holders"] == 1  # USER2 still holds it
+    fw = d.fw
+    assert isinstance(fw, FakeFirewall)
+    # Nothing asked of the kernel for the /24 it does not hold (an add could collide).
+    assert all(c.key != PREFIX for c in fw.batches[-1])
+    assert run(d, req(0x10, "192.0.2.2", user=USER2, op=FwOp.REVOKE)) == [FwStatus.ACK]
+    assert kernel(d) == {}

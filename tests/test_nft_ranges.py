@@ -43,15 +43,15 @@ def test_wide_leases_go_to_the_interval_sets_exact_ones_stay() -> None:
         ],
         {},
     )
-    assert cmds == [
+    assert cmds == [  # removals from interval sets first: an overlapping add would fail
+        "add element inet filter fastknock_udp6_ranges { 2001:db8:1:2::/64 . 60000-61000 }",
+        "delete element inet filter fastknock_udp6_ranges { 2001:db8:1:2::/64 . 60000-61000 }",
         "add element inet filter fastknock_tcp4_ranges { 192.0.2.0/24 . 22 }",
         "delete element inet filter fastknock_tcp4_ranges { 192.0.2.0/24 . 22 }",
         "add element inet filter fastknock_tcp4_ranges { 192.0.2.0/24 . 22 timeout 30s }",
         "add element inet filter fastknock_udp4_ranges { 192.0.2.7 . 60000-61000 }",
         "delete element inet filter fastknock_udp4_ranges { 192.0.2.7 . 60000-61000 }",
         "add element inet filter fastknock_udp4_ranges { 192.0.2.7 . 60000-61000 timeout 30s }",
-        "add element inet filter fastknock_udp6_ranges { 2001:db8:1:2::/64 . 60000-61000 }",
-        "delete element inet filter fastknock_udp6_ranges { 2001:db8:1:2::/64 . 60000-61000 }",
         "add element inet filter fastknock_tcp4 { 192.0.2.7 . 22 }",
         "delete element inet filter fastknock_tcp4 { 192.0.2.7 . 22 }",
         "add element inet filter fastknock_tcp4 { 192.0.2.7 . 22 timeout 30s }",
@@ -190,3 +190,20 @@ def test_kernel_interval_sets_stay_served_without_ranges(fw: tuple[Firewall, str
         assert [lease.key for lease in plain.scan()] == [PortLease(NET4, "tcp", 22)]
     chain = netns.nft(ns, "list", "chain", "inet", "filter", "LETMEIN-INPUT")
     assert "@fastknock_tcp4_ranges" in chain
+
+
+def test_kernel_replaces_an_overlapping_old_shape_in_one_transaction(
+    fw: tuple[Firewall, str],
+) -> None:
+    """The removal goes first whatever the order of the changes: the kernel refuses an
+    element that overlaps a live one, so the other order fails (the control)."""
+    firewall, ns = fw
+    old = PortLease(ipaddress.ip_network("192.0.0.0/16"), "tcp", 22)
+    new = PortLease(NET4, "tcp", 22)
+    with netns.entered(ns):
+        firewall.setup()
+        assert firewall.apply([Change(old, True, 100)]) == [None]
+        [error] = firewall.apply([Change(new, True, 100)])
+        assert error is not None and "File exists" in error  # the control: overlap refused
+        assert firewall.apply([Change(new, True, 100), Change(old, False)]) == [None, None]
+        assert [lease.key for lease in firewall.scan()] == [new]

@@ -10,6 +10,7 @@ does not.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from tests import netns
@@ -21,11 +22,15 @@ from tests.e2e_support import (
     RESPONSE,
     REVOKE,
     USER1,
+    Daemon,
     Listeners,
+    Res,
     Stack,
     port_res,
+    server_config,
     signed,
     unpack,
+    wait_for,
 )
 
 PREFIX = port_res(0x301, 2301, " / ipv4-prefix: 24 / ipv6-prefix: 64")
@@ -34,9 +39,9 @@ RANGE = port_res(0x303, 60000, "-60002")  # "port: 60000-60002"
 FAR4, FAR6 = "10.77.1.2", "fd77:0:0:1::2"  # the other /24 and /64
 
 
-def _stack(name: str) -> Stack:
+def _stack(name: str, resources: tuple[Res, ...] = (PREFIX, PLAIN, RANGE)) -> Stack:
     netns.require()
-    stack = Stack(name, [PREFIX, PLAIN, RANGE])
+    stack = Stack(name, resources)
     try:
         p = stack.pair
         netns.run(p.client, ["ip", "addr", "add", f"{FAR4}/24", "dev", "fk1"], check=True)
@@ -144,3 +149,37 @@ def test_port_range_opens_its_ends_and_nothing_beyond() -> None:
             assert "fastknock_tcp4_ranges" in stack.nft("list", "ruleset")
         finally:
             extra.close()
+
+
+def _reload(daemon: Daemon | None) -> None:
+    assert daemon is not None
+    before = daemon.text().count("reloaded")
+    daemon.send_signal(signal.SIGHUP)
+    wait_for("reload", lambda: daemon.text().count("reloaded") > before)
+
+
+def test_reload_to_a_narrower_prefix_replaces_the_old_element() -> None:
+    """A /16 lease, then the admin narrows the resource to /24 and reloads: the next knock
+    replaces the /16 element (an interval set cannot hold both; the kernel would refuse
+    the overlapping /24), so the other /24 of the old /16 is closed, the knocker's /24
+    stays open; a revoke then leaves nothing."""
+    wide = port_res(0x301, 2301, " / ipv4-prefix: 16")
+    with _stack("rel", (wide,)) as stack:
+        srv4, me4, peer4 = stack.addrs(v6=False)
+        assert not stack.connects(FAR4, srv4, wide.probe)  # the control
+        assert stack.knock("knock", srv4, str(wide.probe)).code == 0
+        assert stack.connects(FAR4, srv4, wide.probe)  # 10.77.1.2 is in 10.77.0.0/16
+        narrow = port_res(0x301, 2301, " / ipv4-prefix: 24")
+        stack.server_conf.write_text(server_config([narrow], "basic-auth", 1.0))
+        _reload(stack.fwd)  # first: requests carry the new config's checksum
+        _reload(stack.server)
+        assert stack.connects(FAR4, srv4, wide.probe)  # the old lease lives on until...
+        assert stack.knock("knock", srv4, str(wide.probe)).code == 0  # ...a knock replaces it
+        assert not stack.connects(FAR4, srv4, wide.probe)
+        assert stack.connects(peer4, srv4, wide.probe)
+        assert stack.fwd is not None and "replacing PortLease" in stack.fwd.text()
+        listing = _fwd_list(stack)
+        assert "10.77.0.0/24" in listing and "10.77.0.0/16" not in listing, listing
+        assert stack.knock("revoke", srv4, str(wide.probe)).code == 0
+        assert not stack.connects(me4, srv4, wide.probe)
+        assert "0 lease(s)" in _fwd_list(stack)

@@ -280,6 +280,8 @@ class Daemon:
                 live += new
             draft.apply(item.claims)
             accepted.append(item)
+        for old in draft.superseded:
+            log.warning("replacing %s: it overlaps a lease of the current config's shape", old)
         changes = draft.changes()
         errors = await asyncio.to_thread(self.fw.apply, changes) if changes else []
         failed = set()

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from fastknock.addr import IPAddress
-from fastknock.firewall.leases import Change, JumpLease, LeaseKey
+from fastknock.firewall.leases import Change, JumpLease, LeaseKey, PortLease, overlaps
 
 __all__ = ["Claim", "Draft", "Holder", "Holdings"]
 
@@ -107,6 +107,7 @@ class Draft:
         self.now = now
         self.touched: dict[LeaseKey, dict[Holder, float]] = {}
         self.proven: dict[LeaseKey, dict[IPAddress, int]] = {}
+        self.superseded: list[LeaseKey] = []  # old-shape elements a new one replaced
 
     def _holders(self, key: LeaseKey) -> dict[Holder, float]:
         if key not in self.touched:
@@ -125,8 +126,29 @@ class Draft:
                 added += 1
         return added
 
+    def _old_shapes(self, key: LeaseKey) -> list[PortLease]:
+        """Live wide elements that overlap ``key`` but are not it: leases of a resource
+        whose prefix or range a reload changed (an interval set holds one of them only).
+        O(live elements); only for a wide key the kernel does not hold yet."""
+        if not isinstance(key, PortLease) or not key.wide or key in self.base.entries:
+            return []
+        return [
+            k
+            for k in self.base.entries
+            if isinstance(k, PortLease) and k.wide and k != key and overlaps(k, key)
+        ]
+
     def apply(self, claims: Iterable[Claim]) -> None:
         for c in claims:
+            for old in self._old_shapes(c.key):
+                old_held = self._holders(old)
+                if c.install:  # the current shape wins: the old element goes
+                    if old_held:
+                        self.superseded.append(old)
+                    old_held.clear()
+                elif c.holder is not None:  # a revoke also releases the old shape
+                    old_held.pop(c.holder, None)
+                    old_held.pop(None, None)
             held = self._holders(c.key)
             if c.install:
                 held[c.holder] = self.now + c.timeout
@@ -144,6 +166,8 @@ class Draft:
         out = []
         for key, held in self.touched.items():
             if not held:
+                if isinstance(key, PortLease) and key.wide and key not in self.base.entries:
+                    continue  # not in the kernel; an add+delete could hit an old shape
                 out.append(Change(key, False))
                 continue
             timeout = max(1, math.ceil(max(held.values()) - self.now))

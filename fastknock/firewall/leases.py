@@ -40,6 +40,7 @@ __all__ = [
     "Source",
     "jump_comment",
     "needs_ranges",
+    "overlaps",
     "parse_elements",
     "parse_jump_comment",
     "source",
@@ -93,6 +94,18 @@ class PortLease:
 
     def element(self) -> str:
         return f"{self.addr} . {self.ports}"
+
+
+def overlaps(a: PortLease, b: PortLease) -> bool:
+    """Whether two leases share a packet key (same set, common addresses and ports)."""
+    if a.proto != b.proto or a.addr.version != b.addr.version:
+        return False
+    a_net, b_net = ipaddress.ip_network(a.addr), ipaddress.ip_network(b.addr)
+    if not a_net.overlaps(b_net):
+        return False
+    a_last = a.port if a.port_last is None else a.port_last
+    b_last = b.port if b.port_last is None else b.port_last
+    return a.port <= b_last and b.port <= a_last
 
 
 @dataclass(frozen=True, slots=True)

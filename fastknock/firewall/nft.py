@@ -390,8 +390,10 @@ class Firewall:
             raise
 
     def commands(self, changes: Iterable[Change], handles: dict[JumpLease, list[str]]) -> list[str]:
-        """The nft commands for ``changes``: three per touched set, plus the jump rules."""
+        """The nft commands for ``changes``: three per touched set (two more for removals
+        from an interval set), plus the jump rules."""
         changes = list(changes)
+        gone: dict[str, list[str]] = {}  # interval sets: elements removed
         touched: dict[str, list[str]] = {}
         fresh: dict[str, list[str]] = {}
         jumps: list[str] = []
@@ -405,6 +407,9 @@ class Firewall:
                     raise FirewallError(f"no interval sets for the range/prefix lease {key}")
                 name = self.set_name(key.proto, key.addr.version, key.wide)
                 elem = key.element()
+                if key.wide and not change.install:  # removals first (see the header)
+                    gone.setdefault(name, []).append(elem)
+                    continue
                 touched.setdefault(name, []).append(elem)
                 if change.install:
                     fresh.setdefault(name, []).append(f"{elem} timeout {change.timeout}s")
@@ -428,6 +433,9 @@ class Firewall:
                     touched[name].append(str(addr))
                     fresh.setdefault(name, []).append(prefilter.proven_element(addr, seconds))
         cmds = []
+        for name, elems in gone.items():  # an interval set refuses an overlapping add
+            cmds.append(f"add element {self._where} {name} {{ {', '.join(elems)} }}")
+            cmds.append(f"delete element {self._where} {name} {{ {', '.join(elems)} }}")
         for name, elems in touched.items():
             # add (no-op if present) + delete: works whether or not the element exists.
             cmds.append(f"add element {self._where} {name} {{ {', '.join(elems)} }}")
