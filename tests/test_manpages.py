@@ -94,7 +94,8 @@ def test_config_page_names_every_option() -> None:
     for section in ("KEYS", "RESOURCES"):
         assert f"[{section}]" in text
     for word in ("port:", "jump", "users:", "timeout:", "input:", "forward:", "output:",
-                 "input-match: saddr", "forward-match:", "output-match:"):  # fmt: skip
+                 "input-match: saddr", "forward-match:", "output-match:", "ipv4-prefix:",
+                 "ipv6-prefix:", "port: 60000-61000"):  # fmt: skip
         assert word in text, word
 
 

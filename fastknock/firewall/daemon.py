@@ -21,14 +21,22 @@ Design
   and applies it as one nftables transaction in a thread, so the event loop keeps
   accepting and queueing while a transaction is in flight. Each requester gets its own
   ACK/NACK; a failing batch is retried item by item (``nft.Firewall.apply``).
-- Cap: ``max-nr-rules`` counts live lease entries (a tcp,udp port lease counts 2, a jump
-  lease 1 per chain), not the static/control-port rules. The count starts from what the
-  kernel holds at start-up and is re-read from the kernel before refusing anything; a
-  refresh of a live lease needs no new room. Revoking a missing lease is ACK.
+- Holders (``holders``): a request claims kernel objects for its ``(user, address)``; an
+  object shared by several holders (a prefix, a jump without saddr match, two users on one
+  address) lives until the latest holder's deadline, and a revoke removes only its
+  holder's claim. In memory: after a restart each live object has one unknown holder,
+  which the first revoke of it drops (see ``holders``).
+- Cap: ``max-nr-rules`` counts holders of live lease entries (a tcp,udp port lease counts
+  2, a jump lease 1 per chain; a port range or a prefix is one entry per protocol
+  whatever its width, and each knocker holding it counts), not the static/control-port
+  rules. The count starts from what the kernel holds at start-up and is re-read from the
+  kernel before refusing anything; a refresh of a live lease needs no new room. Revoking
+  a missing lease is ACK.
 - Expiry: port leases expire in the kernel (``prune_expired`` forgets them here). Jump
   leases are per-lease rules whose deadline is in their comment; ``sweep`` removes them
   when due (also after a restart).
-- Counters (``Daemon.stats``, ``metric_families``) for the log and ``--metrics-file``.
+- Counters (``Daemon.stats``, ``metric_families``) for the log and ``--metrics-file``
+  (``live``: kernel objects; ``wide``: prefix/range ones; ``holders``: what the cap counts).
 - Hooks (``firewall.hooks``, optional): ``submit`` tells ``hooks.acked`` of every ACK once
   its reply is known (a dict update and a non-blocking pipe write; never awaited).
 - The pre-filter (``firewall.prefilter``): ``watch_prefilter`` reads its kernel counters
