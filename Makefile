@@ -32,6 +32,7 @@ lint:
 bench: setup
 	$(PY) -m pytest bench -p no:cacheprovider --benchmark-enable -q
 	$(PY) bench/bench_fwd_install.py
+	$(PY) bench/bench_interval_sets.py
 	PYTHONPATH=. $(PY) bench/bench_peer.py
 	PYTHONPATH=. $(PY) bench/bench_reject_cost.py
 

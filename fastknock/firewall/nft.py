@@ -25,10 +25,11 @@ live in four more sets, ``fastknock_{tcp,udp}{4,6}_ranges``, same types with ``f
 interval, timeout`` (concatenated ranges), e.g. ``10.1.2.0/24 . 60000-61000 timeout
 600s``, each with its static rule (``fastknock:tcp4_ranges``). Separate sets, not one
 kind for all, because the kernel's interval set (pipapo) copies its whole lookup table on
-every transaction that touches it: measured here (Linux 6.18, nft 1.0.6, libnftables,
-median of 50 one-lease transactions) 0.19 ms for a hash set at 0, 1000 or 10000 live
-elements, vs 0.38 / 3.9 / 35 ms for an interval set; exact leases (every letmein lease)
-keep the hash sets. The interval sets are created only when the config has such a
+every transaction that touches it: ``bench/bench_interval_sets.py`` (Linux 6.18, nft
+1.0.6, libnftables, median of 50 one-lease transactions) measured 0.18-0.24 ms for a hash
+set at 0, 1000 or 10000 live elements, vs 0.34 / 3.5 / 33 ms for an interval set of
+prefixes (0.37 / 6.0 / 49 ms with port ranges); exact leases (every letmein lease) keep
+the hash sets. The interval sets are created only when the config has such a
 resource (``leases.needs_ranges``), in a transaction of their own: a kernel or nft that
 refuses them stops set-up with an error saying so (never a narrower or wider lease), and
 an upgrade without such resources changes nothing in the ruleset. Once they exist they
