@@ -20,13 +20,14 @@ import argparse
 import ipaddress
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
+from netns_rerun import rerun_in_namespace  # noqa: E402
 
 from fastknock.conf.config import NftablesConfig  # noqa: E402
 from fastknock.firewall.nft import Change, Firewall, PortLease  # noqa: E402
@@ -122,18 +123,11 @@ def main() -> int:
     if args.inner:
         inner(args)
         return 0
-    if os.geteuid() != 0:
-        print("bench_fwd_install needs root (network namespace, nftables)", file=sys.stderr)
-        return 1
-    ns = f"fk-bench-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        argv = [sys.executable, os.path.abspath(__file__), "--inner"]
-        argv += ["--baseline", str(args.baseline), "--single", str(args.single)]
-        argv += ["--leases", str(args.leases), "--batch", str(args.batch)]
-        return subprocess.run(["ip", "netns", "exec", ns, *argv]).returncode
-    finally:
-        subprocess.run(["ip", "netns", "del", ns])
+    return rerun_in_namespace(
+        __file__,
+        ["--baseline", str(args.baseline), "--single", str(args.single)]
+        + ["--leases", str(args.leases), "--batch", str(args.batch)],
+    )
 
 
 if __name__ == "__main__":

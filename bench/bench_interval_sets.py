@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import secrets
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
+from netns_rerun import rerun_in_namespace  # noqa: E402
 
 from fastknock.conf.config import NftablesConfig  # noqa: E402
 from fastknock.firewall.leases import Change, PortLease, Source  # noqa: E402
@@ -102,17 +103,9 @@ def main() -> int:
     if args.inner:
         inner(args)
         return 0
-    if os.geteuid() != 0:
-        print("bench_interval_sets needs root (network namespace, nftables)", file=sys.stderr)
-        return 1
-    ns = f"fk-bench-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        argv = [sys.executable, os.path.abspath(__file__), "--inner"]
-        argv += ["--sizes", ",".join(map(str, args.sizes)), "--rounds", str(args.rounds)]
-        return subprocess.run(["ip", "netns", "exec", ns, *argv]).returncode
-    finally:
-        subprocess.run(["ip", "netns", "del", ns])
+    return rerun_in_namespace(
+        __file__, ["--sizes", ",".join(map(str, args.sizes)), "--rounds", str(args.rounds)]
+    )
 
 
 if __name__ == "__main__":
