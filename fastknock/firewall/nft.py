@@ -62,7 +62,8 @@ Flushing leases (admin): ``nft flush set inet filter fastknock_tcp4`` (and the o
 sets, and the ``_ranges`` ones if present) drops every port lease at once; jump leases are
 removed with ``nft -a list chain inet filter LETMEIN-INPUT`` and ``nft delete rule ...
 handle N`` for rules whose comment starts with ``fastknock:jump:`` (or flush the chain: a
-running daemon re-creates its static rules at its next start). ``fastknockfwd --list`` shows the leases.
+running daemon re-creates its static rules at its next start). ``fastknockfwd --list``
+shows the leases.
 
 The lease types and their text forms are ``leases``; who holds which kernel object (and
 so what a revoke may remove) is fastknockfwd's, ``holders``. The runners (libnftables
