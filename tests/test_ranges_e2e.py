@@ -13,6 +13,8 @@ from __future__ import annotations
 import signal
 import sys
 
+import pytest
+
 from tests import netns
 from tests.e2e_support import (
     CHALLENGE,
@@ -32,6 +34,8 @@ from tests.e2e_support import (
     unpack,
     wait_for,
 )
+
+pytestmark = pytest.mark.e2e
 
 PREFIX = port_res(0x301, 2301, " / ipv4-prefix: 24 / ipv6-prefix: 64")
 PLAIN = port_res(0x302, 2302)
