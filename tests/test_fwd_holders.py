@@ -11,8 +11,12 @@ import dataclasses
 import ipaddress
 from types import MappingProxyType
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fastknock.conf.config import Config, JumpResource, PortResource
 from fastknock.firewall.daemon import Daemon, ServerAccount
+from fastknock.firewall.holders import Claim, Draft, Holdings
 from fastknock.firewall.leases import Change, JumpLease, PortLease, needs_ranges, source
 from fastknock.ipc import FwOp, FwRequest, FwStatus
 from tests.test_fwd import USER, USER2, FakeFirewall, make_config, req
@@ -233,3 +237,42 @@ def test_a_revoke_of_the_new_shape_releases_the_old_one() -> None:
     assert all(c.key != PREFIX for c in fw.batches[-1])
     assert run(d, req(0x10, "192.0.2.2", user=USER2, op=FwOp.REVOKE)) == [FwStatus.ACK]
     assert kernel(d) == {}
+
+
+_KEYS = [PREFIX, PortLease(A1, "tcp", 443), PortLease(NET24, "udp", 60000, 61000),
+         JumpLease(0x12, "forward", "MY-FWD", NET24)]  # fmt: skip
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["knock", "revoke", "expire", "prune", "load"]),
+        st.integers(0, len(_KEYS) - 1),
+        st.sampled_from([None, (USER, A1), (USER, A2), (USER2, A1)]),
+        st.integers(1, 50),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_OPS)
+def test_incremental_count_and_wide_index_match_a_recount(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    """``Holdings.count`` and ``.wide`` are kept as entries change: after any sequence of
+    batches, prunes and reloads they equal a count from scratch."""
+    h, now = Holdings(), 1000.0
+    for op, k, holder, n in ops:
+        key = _KEYS[k]
+        if op in ("knock", "revoke", "expire"):
+            draft = Draft(h, now)
+            if op == "knock" and holder is not None:
+                draft.apply([Claim(key, holder, True, n)])
+            elif op == "revoke" and holder is not None:
+                draft.apply([Claim(key, holder, False)])
+            else:
+                draft.apply([Claim(key, None, False)])
+            draft.commit(set())
+        elif op == "prune":
+            now += n
+            h.prune(now)
+        else:
+            h.load([(x, now + n) for x in _KEYS[: n % len(_KEYS)]])
+        assert h.count() == sum(len(e.holders) or 1 for e in h.entries.values())
+        assert h.wide == {x for x in h.entries if isinstance(x, PortLease) and x.wide}

@@ -161,7 +161,7 @@ class Daemon:
             "fallbacks": s.fallbacks,
             "live": len(self.holdings.entries),
             "holders": self.holdings.count(),
-            "wide": sum(1 for k in self.holdings.entries if isinstance(k, PortLease) and k.wide),
+            "wide": len(self.holdings.wide),
             "batches": self.counts["batches"],
             "failed_transactions": s.failed_transactions,
             "refused_peers": self.counts["refused_peers"],

@@ -58,16 +58,33 @@ class _Entry:
 
 
 class Holdings:
-    """The live kernel objects and their holders."""
+    """The live kernel objects and their holders. ``count`` and the index of wide keys are
+    kept as entries change (every batch asks for them)."""
 
     def __init__(self) -> None:
-        self.entries: dict[LeaseKey, _Entry] = {}
+        self.entries: dict[LeaseKey, _Entry] = {}  # read here; changed by put/drop only
+        self.wide: set[PortLease] = set()  # the keys of the interval sets
+        self._count = 0
+
+    def put(self, key: LeaseKey, entry: _Entry) -> None:
+        self.drop(key)
+        self.entries[key] = entry
+        self._count += len(entry.holders) or 1
+        if isinstance(key, PortLease) and key.wide:
+            self.wide.add(key)
+
+    def drop(self, key: LeaseKey) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self._count -= len(entry.holders) or 1
+            if isinstance(key, PortLease):
+                self.wide.discard(key)
 
     def deadlines(self) -> dict[LeaseKey, float]:
         return {key: e.deadline for key, e in self.entries.items()}
 
     def count(self) -> int:
-        return sum(len(e.holders) or 1 for e in self.entries.values())
+        return self._count
 
     def holders(self, key: LeaseKey) -> dict[Holder, float]:
         entry = self.entries.get(key)
@@ -76,22 +93,25 @@ class Holdings:
     def load(self, live: Iterable[tuple[LeaseKey, float]]) -> None:
         """What the kernel holds now (key, deadline): known holders of keys still there
         stay, new keys get the unknown holder, keys gone from the kernel are forgotten."""
-        old, self.entries = self.entries, {}
+        old = self.entries
+        self.entries, self.wide, self._count = {}, set(), 0
         for key, deadline in live:
             entry = old.get(key)
             if entry is not None and entry.holders:
-                self.entries[key] = _Entry(deadline, entry.holders)
+                self.put(key, _Entry(deadline, entry.holders))
             else:
-                self.entries[key] = _Entry(deadline, {None: deadline})
+                self.put(key, _Entry(deadline, {None: deadline}))
 
     def prune(self, now: float) -> None:
         """Drop holders whose deadline passed, and port keys the kernel has expired (a
         jump rule stays, holder-less, until the sweeper removes it)."""
-        for key in list(self.entries):
-            entry = self.entries[key]
-            entry.holders = {h: d for h, d in entry.holders.items() if d > now}
+        for key, entry in list(self.entries.items()):
             if entry.deadline <= now and not isinstance(key, JumpLease):
-                del self.entries[key]
+                self.drop(key)
+            elif any(d <= now for d in entry.holders.values()):
+                self.put(
+                    key, _Entry(entry.deadline, {h: d for h, d in entry.holders.items() if d > now})
+                )
 
     def due_jumps(self, now: float) -> list[JumpLease]:
         return [
@@ -129,14 +149,10 @@ class Draft:
     def _old_shapes(self, key: LeaseKey) -> list[PortLease]:
         """Live wide elements that overlap ``key`` but are not it: leases of a resource
         whose prefix or range a reload changed (an interval set holds one of them only).
-        O(live elements); only for a wide key the kernel does not hold yet."""
+        O(live wide elements); only for a wide key the kernel does not hold yet."""
         if not isinstance(key, PortLease) or not key.wide or key in self.base.entries:
             return []
-        return [
-            k
-            for k in self.base.entries
-            if isinstance(k, PortLease) and k.wide and k != key and overlaps(k, key)
-        ]
+        return [k for k in self.base.wide if k != key and overlaps(k, key)]
 
     def apply(self, claims: Iterable[Claim]) -> None:
         for c in claims:
@@ -176,11 +192,10 @@ class Draft:
         return out
 
     def commit(self, failed: set[LeaseKey]) -> None:
-        entries = self.base.entries
         for key, held in self.touched.items():
             if key in failed:
                 continue
             if held:
-                entries[key] = _Entry(max(held.values()), dict(held))
+                self.base.put(key, _Entry(max(held.values()), dict(held)))
             else:
-                entries.pop(key, None)
+                self.base.drop(key)
