@@ -324,8 +324,13 @@ def test_max_nr_rules(env: Env) -> None:
     assert fwd.revoke(0x42, c) == FwStatus.ACK
     assert fwd.install(0x42, d) == FwStatus.ACK  # room again after a revoke
     assert fwd.install(0x42, c) == FwStatus.LIMIT
-    # After expiry (2 s) every lease is gone and requests are accepted again.
-    assert eventually(lambda: fwd.install(0x44, c) == FwStatus.ACK)
+    # After expiry (2 s) every lease is gone and requests are accepted again. Wait for the
+    # kernel to have expired all of them: they were installed some ms apart, so a request
+    # that finds room as soon as the first ones expired would leave the cap arithmetic
+    # below to chance.
+    sets = [f"fastknock_{proto}{v}" for proto in ("tcp", "udp") for v in (4, 6)]
+    assert eventually(lambda: sum(env.set_size(name) for name in sets) == 0)
+    assert fwd.install(0x44, c) == FwStatus.ACK
     assert fwd.install(0x42, a) == FwStatus.ACK
     assert fwd.install(0x42, b) == FwStatus.ACK
     assert fwd.install(0x42, d) == FwStatus.LIMIT

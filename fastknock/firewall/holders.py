@@ -97,8 +97,9 @@ class Holdings:
         self.entries, self.wide, self._count = {}, set(), 0
         for key, deadline in live:
             entry = old.get(key)
-            if entry is not None and entry.holders:
-                self.put(key, _Entry(deadline, entry.holders))
+            if entry is not None and entry.holders:  # nft lists whole seconds left: the
+                latest = max(deadline, max(entry.holders.values()))  # known end is exact
+                self.put(key, _Entry(latest, entry.holders))
             else:
                 self.put(key, _Entry(deadline, {None: deadline}))
 
