@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         fw = _firewall(cfg, runner)
         if args.list:
+            fw.detect_ranges()  # also the leases of an earlier config's ranges/prefixes
             code = list_leases(fw)
             if hookproc.wanted(cfg.hooks):
                 print("\n".join(list_record(args.statedir)))

@@ -19,6 +19,7 @@ from fastknock.firewall.daemon import Daemon, ServerAccount
 from fastknock.firewall.holders import Claim, Draft, Holdings
 from fastknock.firewall.leases import Change, JumpLease, PortLease, needs_ranges, source
 from fastknock.ipc import FwOp, FwRequest, FwStatus
+from fastknock.osutil import metrics
 from tests.test_fwd import USER, USER2, FakeFirewall, make_config, req
 
 NET24 = ipaddress.ip_network("192.0.2.0/24")
@@ -169,6 +170,15 @@ def test_the_cap_counts_holders() -> None:
     assert len(kernel(d)) == 1 and d.live_count() == 2
     run(d, req(0x10, "192.0.2.1", op=FwOp.REVOKE))
     assert run(d, req(0x10, "192.0.2.3")) == [FwStatus.ACK]
+
+
+def test_metrics_show_wide_leases_and_holders() -> None:
+    d = daemon()
+    run(d, req(0x10, "192.0.2.1"), req(0x10, "192.0.2.2", user=USER2), req(0x14), req(0x11))
+    text = metrics.render(d.metric_families())
+    assert "\nfastknockfwd_leases 3\n" in text  # /24 . 22, 192.0.2.1 . 443, the range
+    assert "\nfastknockfwd_wide_leases 2\n" in text
+    assert "\nfastknockfwd_lease_holders 4\n" in text
 
 
 def test_a_range_lease_counts_one_per_protocol() -> None:

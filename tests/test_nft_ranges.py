@@ -184,6 +184,10 @@ def test_kernel_interval_sets_stay_served_without_ranges(fw: tuple[Firewall, str
     with netns.entered(ns):
         firewall.setup()
         firewall.apply([Change(PortLease(NET4, "tcp", 22), True, 100)])
+        listing = Firewall(CFG, firewall.runner, control_port=5800)  # as --list makes it
+        assert listing.scan() == []  # not set up, not detected: the exact sets only
+        assert listing.detect_ranges()
+        assert [lease.key for lease in listing.scan()] == [PortLease(NET4, "tcp", 22)]
         plain = Firewall(CFG, firewall.runner, control_port=5800)
         plain.setup()
         assert plain.ranges

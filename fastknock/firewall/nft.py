@@ -261,14 +261,19 @@ class Firewall:
                 cmds.append(f'add rule {self._where} {chain} {rule} comment "{comment}"')
         self.runner.run("\n".join(cmds))
 
+    def detect_ranges(self) -> bool:
+        """Whether the interval sets exist (from this config or an earlier one); from now
+        on ``scan`` reads them and ``setup`` keeps their rules."""
+        name = self.set_name("tcp", self.versions[0], True)
+        self.ranges = self.needs_ranges or self._exists(f"set {self._where} {name}")
+        return self.ranges
+
     def _setup_ranges(self) -> None:
         """Create the interval sets if the config needs them (one transaction of their own,
         so a kernel without them is named as the cause); keep serving them if they exist
         from an earlier config (their leases stay until they expire)."""
         if not self.needs_ranges:
-            self.ranges = self._exists(
-                f"set {self._where} {self.set_name('tcp', self.versions[0], True)}"
-            )
+            self.detect_ranges()
             return
         cmds = []
         for version in self.versions:
@@ -335,13 +340,7 @@ class Firewall:
     def scan(self) -> list[LiveLease]:
         """Every live lease in the kernel: set elements and per-lease jump rules."""
         leases: list[LiveLease] = []
-        sets = [
-            (self.set_name(proto, version, wide), proto)
-            for wide in (False, True)  # the interval sets too, if any: --list before setup
-            for version in self.versions
-            for proto in ("tcp", "udp")
-        ]
-        for name, proto in sets:
+        for name, proto, _version, _wide in self.lease_sets():
             try:
                 items = self._json(f"list set {self._where} {name}")
             except FirewallError:
