@@ -264,9 +264,9 @@ _OPS = st.lists(
 
 @settings(max_examples=200, deadline=None)
 @given(_OPS)
-def test_incremental_count_and_wide_index_match_a_recount(ops: list[tuple]) -> None:  # type: ignore[type-arg]
-    """``Holdings.count`` and ``.wide`` are kept as entries change: after any sequence of
-    batches, prunes and reloads they equal a count from scratch."""
+def test_incremental_count_and_indexes_match_a_recount(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    """``Holdings.count``, ``.wide`` and ``.held_by`` are kept as entries change: after any
+    sequence of batches, prunes and reloads they equal a recount from scratch."""
     h, now = Holdings(), 1000.0
     for op, k, holder, n in ops:
         key = _KEYS[k]
@@ -286,3 +286,42 @@ def test_incremental_count_and_wide_index_match_a_recount(ops: list[tuple]) -> N
             h.load([(x, now + n) for x in _KEYS[: n % len(_KEYS)]])
         assert h.count() == sum(len(e.holders) or 1 for e in h.entries.values())
         assert h.wide == {x for x in h.entries if isinstance(x, PortLease) and x.wide}
+        by_holder: dict[object, set[object]] = {}
+        for x, e in h.entries.items():
+            for who in e.holders:
+                by_holder.setdefault(who, set()).add(x)
+        assert h.held_by == by_holder
+
+
+def test_a_holder_moves_to_the_new_shape_and_its_revoke_closes_the_old_one() -> None:
+    """Reload /24 -> /32: the holder's knock of the exact key releases its /24 hold (the
+    other holder keeps the /24); reload /32 -> /24: a revoke of the /24 also closes the
+    holder's old exact lease (a revoke must close what the holder still has open)."""
+    d = daemon()
+    run(d, req(0x10, "192.0.2.1"), req(0x10, "192.0.2.2", user=USER2))  # /24, two holders
+    _reshaped(d, ipv4_prefix=32)
+    assert run(d, req(0x10, "192.0.2.1")) == [FwStatus.ACK]
+    exact = PortLease(A1, "tcp", 22)
+    assert set(kernel(d)) == {PREFIX, exact}  # USER2 still holds the /24
+    assert d.holdings.holders(PREFIX).keys() == {(USER2, A2)}
+    assert run(d, req(0x10, "192.0.2.2", user=USER2)) == [FwStatus.ACK]  # moves too
+    assert set(kernel(d)) == {exact, PortLease(A2, "tcp", 22)}  # the /24 is gone
+    _reshaped(d, ipv4_prefix=24)
+    assert run(d, req(0x10, "192.0.2.1", op=FwOp.REVOKE)) == [FwStatus.ACK]
+    assert set(kernel(d)) == {PortLease(A2, "tcp", 22)}  # 192.0.2.1's exact lease closed
+    # The control: the other holder's old exact lease stays until its own revoke.
+    assert run(d, req(0x10, "192.0.2.2", user=USER2, op=FwOp.REVOKE)) == [FwStatus.ACK]
+    assert kernel(d) == {}
+
+
+def test_jump_prefix_reshaped_moves_the_holder() -> None:
+    d = daemon()
+    run(d, req(0x12, "192.0.2.1"))
+    old = JumpLease(0x12, "forward", "MY-FWD", NET24)
+    assert set(kernel(d)) == {old}
+    res = dataclasses.replace(d.cfg.resources[0x12], ipv4_prefix=16)  # type: ignore[type-var]
+    d.cfg = dataclasses.replace(d.cfg, resources=MappingProxyType({**d.cfg.resources, 0x12: res}))
+    run(d, req(0x12, "192.0.2.1"))
+    assert set(kernel(d)) == {
+        JumpLease(0x12, "forward", "MY-FWD", ipaddress.ip_network("192.0.0.0/16"))
+    }

@@ -163,15 +163,17 @@ def _reload(daemon: Daemon | None) -> None:
 
 
 def test_reload_to_a_narrower_prefix_replaces_the_old_element() -> None:
-    """A /16 lease, then the admin narrows the resource to /24 and reloads: the next knock
-    replaces the /16 element (an interval set cannot hold both; the kernel would refuse
-    the overlapping /24), so the other /24 of the old /16 is closed, the knocker's /24
-    stays open; a revoke then leaves nothing."""
+    """A /16 lease with two holders, then the admin narrows the resource to /24 and
+    reloads: the next knock replaces the /16 element (an interval set cannot hold both;
+    the kernel would refuse the overlapping /24, and the current shape wins), so the other
+    /24 of the old /16 is closed, the knocker's /24 stays open; a revoke then leaves
+    nothing."""
     wide = port_res(0x301, 2301, " / ipv4-prefix: 16")
     with _stack("rel", (wide,)) as stack:
         srv4, me4, peer4 = stack.addrs(v6=False)
         assert not stack.connects(FAR4, srv4, wide.probe)  # the control
         assert stack.knock("knock", srv4, str(wide.probe)).code == 0
+        assert _exchange(stack, peer4, KNOCK, wide.id)  # a second holder of the /16
         assert stack.connects(FAR4, srv4, wide.probe)  # 10.77.1.2 is in 10.77.0.0/16
         narrow = port_res(0x301, 2301, " / ipv4-prefix: 24")
         stack.server_conf.write_text(server_config([narrow], "basic-auth", 1.0))

@@ -14,6 +14,11 @@ Design
   ``Draft.changes`` gives one ``Change`` per touched key, and ``Draft.commit`` keeps the
   new holders of the keys whose change the kernel took (a refused change leaves its key
   as it was).
+* A reload may change a resource's prefix or range (its keys' shape). A holder's next
+  knock moves it from the old-shape keys it holds that overlap the new key (``overlaps``)
+  to the new one; its revoke releases both (and the unknown holder of both). A new wide
+  key that overlaps an old one in the same interval set replaces it whoever holds it:
+  the kernel cannot hold both, and the current config wins (``Draft.superseded``).
 * In memory only. After a restart (or for an element added by hand) a live kernel object
   has one *unknown* holder (``None``) until its kernel deadline; a revoke of the key drops
   it too (the revoker may be the one who knocked before the restart: a revoke must close
@@ -58,12 +63,13 @@ class _Entry:
 
 
 class Holdings:
-    """The live kernel objects and their holders. ``count`` and the index of wide keys are
-    kept as entries change (every batch asks for them)."""
+    """The live kernel objects and their holders. ``count`` and the indexes (wide keys,
+    keys by holder) are kept as entries change (every batch asks for them)."""
 
     def __init__(self) -> None:
         self.entries: dict[LeaseKey, _Entry] = {}  # read here; changed by put/drop only
         self.wide: set[PortLease] = set()  # the keys of the interval sets
+        self.held_by: dict[Holder, set[LeaseKey]] = {}
         self._count = 0
 
     def put(self, key: LeaseKey, entry: _Entry) -> None:
@@ -72,13 +78,21 @@ class Holdings:
         self._count += len(entry.holders) or 1
         if isinstance(key, PortLease) and key.wide:
             self.wide.add(key)
+        for holder in entry.holders:
+            self.held_by.setdefault(holder, set()).add(key)
 
     def drop(self, key: LeaseKey) -> None:
         entry = self.entries.pop(key, None)
-        if entry is not None:
-            self._count -= len(entry.holders) or 1
-            if isinstance(key, PortLease):
-                self.wide.discard(key)
+        if entry is None:
+            return
+        self._count -= len(entry.holders) or 1
+        if isinstance(key, PortLease):
+            self.wide.discard(key)
+        for holder in entry.holders:
+            keys = self.held_by[holder]
+            keys.discard(key)
+            if not keys:
+                del self.held_by[holder]
 
     def deadlines(self) -> dict[LeaseKey, float]:
         return {key: e.deadline for key, e in self.entries.items()}
@@ -94,7 +108,7 @@ class Holdings:
         """What the kernel holds now (key, deadline): known holders of keys still there
         stay, new keys get the unknown holder, keys gone from the kernel are forgotten."""
         old = self.entries
-        self.entries, self.wide, self._count = {}, set(), 0
+        self.entries, self.wide, self.held_by, self._count = {}, set(), {}, 0
         for key, deadline in live:
             entry = old.get(key)
             if entry is not None and entry.holders:  # nft lists whole seconds left: the
@@ -147,25 +161,35 @@ class Draft:
                 added += 1
         return added
 
-    def _old_shapes(self, key: LeaseKey) -> list[PortLease]:
-        """Live wide elements that overlap ``key`` but are not it: leases of a resource
-        whose prefix or range a reload changed (an interval set holds one of them only).
-        O(live wide elements); only for a wide key the kernel does not hold yet."""
+    def _colliding(self, key: LeaseKey) -> list[PortLease]:
+        """Live elements of ``key``'s interval set that overlap it but are not it: leases
+        of a resource whose prefix or range a reload changed; the kernel refuses ``key``
+        while one of them is there. O(live wide elements), for a key not yet live."""
         if not isinstance(key, PortLease) or not key.wide or key in self.base.entries:
             return []
         return [k for k in self.base.wide if k != key and overlaps(k, key)]
 
+    def _own_old_shapes(self, c: Claim) -> list[LeaseKey]:
+        """Other live keys that ``c``'s holder (for a revoke: or the unknown holder) holds
+        and that overlap ``c.key``: the same lease in the shape of an earlier config."""
+        mine = set(self.base.held_by.get(c.holder, ()))
+        if not c.install:
+            mine |= self.base.held_by.get(None, set())
+        return [k for k in mine if k != c.key and overlaps(k, c.key)]
+
     def apply(self, claims: Iterable[Claim]) -> None:
         for c in claims:
-            for old in self._old_shapes(c.key):
-                old_held = self._holders(old)
-                if c.install:  # the current shape wins: the old element goes
-                    if old_held:
-                        self.superseded.append(old)
-                    old_held.clear()
-                elif c.holder is not None:  # a revoke also releases the old shape
+            if c.holder is not None:  # the holder moves to the current shape, or leaves
+                for old in self._own_old_shapes(c):
+                    old_held = self._holders(old)
                     old_held.pop(c.holder, None)
-                    old_held.pop(None, None)
+                    if not c.install:
+                        old_held.pop(None, None)
+            for old in self._colliding(c.key) if c.install else ():
+                old_held = self._holders(old)
+                if old_held:  # the kernel holds one of the two: the current shape wins
+                    self.superseded.append(old)
+                old_held.clear()
             held = self._holders(c.key)
             if c.install:
                 held[c.holder] = self.now + c.timeout

@@ -96,18 +96,6 @@ class PortLease:
         return f"{self.addr} . {self.ports}"
 
 
-def overlaps(a: PortLease, b: PortLease) -> bool:
-    """Whether two leases share a packet key (same set, common addresses and ports)."""
-    if a.proto != b.proto or a.addr.version != b.addr.version:
-        return False
-    a_net, b_net = ipaddress.ip_network(a.addr), ipaddress.ip_network(b.addr)
-    if not a_net.overlaps(b_net):
-        return False
-    a_last = a.port if a.port_last is None else a.port_last
-    b_last = b.port if b.port_last is None else b.port_last
-    return a.port <= b_last and b.port <= a_last
-
-
 @dataclass(frozen=True, slots=True)
 class JumpLease:
     resource: int
@@ -117,6 +105,32 @@ class JumpLease:
 
 
 LeaseKey = PortLease | JumpLease
+
+
+def _addrs_overlap(a: Source, b: Source) -> bool:
+    if a.version != b.version:
+        return False
+    a_net, b_net = ipaddress.ip_network(a), ipaddress.ip_network(b)
+    return a_net.overlaps(b_net)
+
+
+def overlaps(a: LeaseKey, b: LeaseKey) -> bool:
+    """Whether two leases open something in common: port leases of one protocol and family
+    with common addresses and ports; jump leases of one resource and chain with common
+    source addresses (an unmatched jump overlaps only itself)."""
+    if isinstance(a, JumpLease) or isinstance(b, JumpLease):
+        if not (isinstance(a, JumpLease) and isinstance(b, JumpLease)):
+            return False
+        if (a.resource, a.hook, a.target) != (b.resource, b.hook, b.target):
+            return False
+        if a.addr is None or b.addr is None:
+            return a.addr is b.addr
+        return _addrs_overlap(a.addr, b.addr)
+    if a.proto != b.proto or not _addrs_overlap(a.addr, b.addr):
+        return False
+    a_last = a.port if a.port_last is None else a.port_last
+    b_last = b.port if b.port_last is None else b.port_last
+    return a.port <= b_last and b.port <= a_last
 
 
 @dataclass(frozen=True, slots=True)
