@@ -107,3 +107,16 @@ def test_units_document_pages_that_exist() -> None:
             m = re.fullmatch(r"man:([\w.-]+)\((\d)\)", ref)
             assert m, ref
             assert (MAN / f"{m.group(1)}.{m.group(2)}").exists(), f"{unit.name}: {ref}"
+
+
+def test_config_page_example_loads() -> None:
+    """fastknock.conf(5)'s EXAMPLE is a valid server config (a key pasted in)."""
+    text = (MAN / "fastknock.conf.5").read_text()
+    example = text.split(".SH EXAMPLE\n.nf\n", 1)[1].split(".fi\n", 1)[0].replace("\\-", "-")
+    example = re.sub(r"<64 hex digits[^>]*>", "80E9C81DFA4879B2C64910E1B6870DA42DFB82261B76C859"
+                     "F3A0F5A09DEA2A3D", example)  # fmt: skip
+    cfg = parse_config(example, "fastknock.conf(5)", "server")
+    assert len(cfg.resources) == 5 and cfg.hooks is not None
+    # The control: the example's own resources, with two on one port, are refused.
+    with pytest.raises(ConfigError, match="already opened"):
+        parse_config(example.replace("port: 2222", "port: 22"), "x", "server")

@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass
 from fastknock.addr import IPAddress
 from fastknock.conf.model import Config, HooksConfig, PortResource, Resource
 from fastknock.firewall import hookproc, hookrun
+from fastknock.firewall.leases import port_text, source
 from fastknock.ipc import FwOp, FwRequest
 from fastknock.osutil import runfiles
 
@@ -73,12 +74,10 @@ def target(resource: Resource, addr: IPAddress) -> tuple[str, str]:
     """FASTKNOCK_ADDRESS and FASTKNOCK_PORT of a knock from ``addr`` for ``resource``: the
     address, or ``NET/N`` when the resource opens a shorter prefix; the port, ``A-B`` for a
     range, empty for a jump resource."""
-    bits, full = (resource.ipv4_prefix, 32) if addr.version == 4 else (resource.ipv6_prefix, 128)
-    subject = str(addr) if bits >= full else str(ipaddress.ip_network((addr, bits), strict=False))
+    subject = str(source(addr, resource.ipv4_prefix, resource.ipv6_prefix))
     if not isinstance(resource, PortResource):
         return subject, ""
-    last = resource.port if resource.port_last is None else resource.port_last
-    return subject, str(resource.port) if last == resource.port else f"{resource.port}-{last}"
+    return subject, port_text(resource.port, resource.port_last)
 
 
 def boot_id() -> str:

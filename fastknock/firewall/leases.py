@@ -43,6 +43,7 @@ __all__ = [
     "overlaps",
     "parse_elements",
     "parse_jump_comment",
+    "port_text",
     "source",
 ]
 
@@ -59,6 +60,11 @@ def source(addr: IPAddress, ipv4_prefix: int = 32, ipv6_prefix: int = 128) -> So
     if bits >= addr.max_prefixlen:
         return addr
     return ipaddress.ip_network(f"{addr}/{bits}", strict=False)
+
+
+def port_text(port: int, port_last: int | None) -> str:
+    """``N``, or ``A-B`` for a range (nft's syntax, and FASTKNOCK_PORT's)."""
+    return str(port) if port_last is None or port_last == port else f"{port}-{port_last}"
 
 
 def needs_ranges(cfg: Config) -> list[int]:
@@ -90,7 +96,7 @@ class PortLease:
 
     @property
     def ports(self) -> str:
-        return str(self.port) if self.port_last is None else f"{self.port}-{self.port_last}"
+        return port_text(self.port, self.port_last)
 
     def element(self) -> str:
         return f"{self.addr} . {self.ports}"
