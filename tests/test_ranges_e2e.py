@@ -28,6 +28,7 @@ from tests.e2e_support import (
     Listeners,
     Res,
     Stack,
+    jump_res,
     port_res,
     server_config,
     signed,
@@ -40,6 +41,7 @@ pytestmark = pytest.mark.e2e
 PREFIX = port_res(0x301, 2301, " / ipv4-prefix: 24 / ipv6-prefix: 64")
 PLAIN = port_res(0x302, 2302)
 RANGE = port_res(0x303, 60000, "-60002")  # "port: 60000-60002"
+JUMP = jump_res(0x304, "MYCHAIN-PFX", 2304, " / ipv4-prefix: 24 / ipv6-prefix: 64")
 FAR4, FAR6 = "10.77.1.2", "fd77:0:0:1::2"  # the other /24 and /64
 
 
@@ -189,3 +191,21 @@ def test_reload_to_a_narrower_prefix_replaces_the_old_element() -> None:
         assert stack.knock("revoke", srv4, str(wide.probe)).code == 0
         assert not stack.connects(me4, srv4, wide.probe)
         assert "0 lease(s)" in _fwd_list(stack)
+
+
+def test_jump_with_saddr_match_opens_the_prefix() -> None:
+    """``jump / input: C / input-match: saddr / ipv4-prefix: 24``: the rule matches the
+    knocker's /24 (``ip saddr 10.77.0.0/24 jump C``), not the other /24."""
+    with _stack("jmp", (JUMP, PLAIN)) as stack:
+        srv4, me4, peer4 = stack.addrs(v6=False)
+        assert not stack.connects(peer4, srv4, JUMP.probe)  # the control
+        assert _exchange(stack, me4, KNOCK, JUMP.id)
+        assert "ip saddr 10.77.0.0/24 jump MYCHAIN-PFX" in stack.nft(
+            "list", "chain", "inet", "filter", "LETMEIN-INPUT"
+        )
+        assert stack.connects(peer4, srv4, JUMP.probe)
+        assert not stack.connects(FAR4, srv4, JUMP.probe)
+        assert _exchange(stack, FAR4, KNOCK, PLAIN.id)  # FAR4 is reachable (the control)
+        assert stack.connects(FAR4, srv4, PLAIN.probe)
+        assert _exchange(stack, me4, REVOKE, JUMP.id)
+        assert not stack.connects(peer4, srv4, JUMP.probe)
