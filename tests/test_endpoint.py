@@ -22,6 +22,7 @@ from fastknock.knockd.endpoint import (
 )
 from fastknock.knockd.limits import Budgets, Limits
 from fastknock.knockd.peer import key_of, key_of_ip
+from fastknock.knockd.replaycap import PEERS
 from fastknock.mac import HmacKey, KeyRing
 from fastknock.message import Operation
 from fastknock.protocol import ClientSession, ServerSettings
@@ -105,9 +106,10 @@ def test_revoke_token_does_not_answer_for_a_knock() -> None:
 
 
 def test_a_replayed_knock_from_many_addresses_holds_no_slot() -> None:
-    """The lock-out of issue 10: one captured KNOCK from 5,000 sources. Every copy gets its
-    computed CHALLENGE and nothing is kept, so a legitimate knock afterwards (and during)
-    goes through; the no-attack control is the same knock on a fresh endpoint."""
+    """The lock-out of issue 10: one captured KNOCK from 5,000 sources. Nothing is kept for
+    any copy, and only the first ``PEERS`` get their computed CHALLENGE (the answer cap),
+    so a legitimate knock afterwards (and during) goes through; the no-attack control is
+    the same knock on a fresh endpoint."""
     for attack in (False, True):
         ep, seen = endpoint(total=64, per=8)
         captured = client().start()
@@ -115,7 +117,8 @@ def test_a_replayed_knock_from_many_addresses_holds_no_slot() -> None:
             for i in range(5000):
                 host = f"10.{i // 250}.{i % 250}.1"
                 ep.receive_datagram(captured, key_of((host, 1000 + i)), (host, 1000 + i), 1.0)
-            assert ep.counters[Count.CHALLENGES] == 5000 and len(ep.actions()) == 5000
+            assert ep.counters[Count.CHALLENGES] == PEERS and len(ep.actions()) == PEERS
+            assert ep.counters[Count.KNOCK_REPLAY_CAPPED] == 5000 - PEERS
         assert ep.udp_peers == 0 and ep.limits.total == 0 and seen == []
         ask = knock_udp(ep, client(), addr("192.0.2.77"), 2.0)
         ep.firewall_done(ask.ticket, True, 2.6)

@@ -4,14 +4,16 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 from fastknock._hmac cimport HmacKey, KeyRing
 from fastknock.knockd._net cimport iovec, mmsghdr, peer_key, sockaddr_storage
+from fastknock.knockd._replay cimport cap_table
 
 
 cdef enum:
     RECV_BATCH = 64  # datagrams per recvmmsg call
     RECV_SLOT = 64  # bytes per datagram buffer: > 56, so msg_len == 56 means exactly 56
     REASON_RESPONSE = 6  # a RESPONSE that matches no computed token (forged or stale)
-    RECV_NREASONS = 7  # REASON_OK .. REASON_RESPONSE
-    VERDICT_CHALLENGED = 7  # answered in C with a computed CHALLENGE (no Python object)
+    REASON_CAPPED = 7  # a KNOCK answered for enough peers in this epoch (replaycap.py)
+    RECV_NREASONS = 8  # REASON_OK .. REASON_CAPPED
+    VERDICT_CHALLENGED = 8  # answered in C with a computed CHALLENGE (no Python object)
 
 cdef class Reader:
     cdef int fd
@@ -36,15 +38,12 @@ cdef class Reader:
     cdef iovec out_iov[RECV_BATCH]
     cdef unsigned char out_bufs[RECV_BATCH][56]
     cdef int nout
-    cdef bint out_dead[RECV_BATCH]  # cancelled: the peer got a session in the batch
+    cdef cap_table caps  # the KNOCK answer cap (replaycap.py), filled only after the MAC
 
     cdef mmsghdr msgs[RECV_BATCH]
     cdef iovec iov[RECV_BATCH]
     cdef sockaddr_storage names[RECV_BATCH]
     cdef unsigned char bufs[RECV_BATCH][RECV_SLOT]
-    cdef uint8_t verdict[RECV_BATCH]  # 0: hand up; else the REASON_* that drops it
-    cdef bint was_live[RECV_BATCH]  # classified as a live session's datagram
-    cdef int out_slot[RECV_BATCH]  # its CHALLENGE's index in out_bufs, or -1
 
     # Open-addressing hash set of the peers that have a live session: exactly the keys the
     # endpoint announced with track() and not yet with untrack().
@@ -52,8 +51,6 @@ cdef class Reader:
     cdef Py_ssize_t cap  # power of two
     cdef Py_ssize_t used  # live entries
     cdef Py_ssize_t dead  # tombstones
-    cdef uint64_t tracks  # track() calls so far: a batch re-checks its rest after one
-    cdef uint64_t untracks  # untrack() calls so far: likewise
 
     # Counters since the last take(): datagrams dropped in C, per reason; handed up;
     # of those, handed up because the peer has a live session; recvmmsg batches; errors.
@@ -66,13 +63,12 @@ cdef class Reader:
     cdef uint64_t challenged
     cdef uint64_t send_dropped
 
-    cdef void classify(self, int n) noexcept nogil
+    cdef int decide(self, int start, int n) noexcept nogil
     cdef int first_verdict(self, int i) noexcept nogil
-    cdef int recheck(self, int i, int reason) noexcept nogil
     cdef int check_response(self, const unsigned char *buf,
                             const sockaddr_storage *sa) noexcept nogil
     cdef bint granted(self, uint32_t user, uint32_t resource) noexcept nogil
-    cdef void challenge(self, int i) noexcept nogil
+    cdef void challenge(self, int i, const peer_key *k) noexcept nogil
     cdef void send_challenges(self) noexcept nogil
     cdef bint live(self, const sockaddr_storage *sa) noexcept nogil
     cdef int hand_up(self, int i) except -1

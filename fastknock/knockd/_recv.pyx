@@ -7,8 +7,8 @@ Design
   ``recvmmsg`` call (non-blocking) fills up to 64 fixed 64-byte slots; at most ``budget``
   calls per ``drain()``, so that under a flood the loop still gets to its timers and the
   firewall replies between batches (the fd is level-triggered: the loop calls back).
-* Each batch is classified in C with the GIL released, cheapest first, exactly as the
-  ``DatagramProtocol`` path (``control.UdpControl``) would decide:
+* Each batch is decided in C with the GIL released, in order and cheapest first, exactly
+  as the ``DatagramProtocol`` path (``control.UdpControl``) would decide:
   1. ``msg_len != 56`` -> drop (REASON_SIZE); a slot is bigger than 56 bytes, so 56
      means exactly 56.
   2. The peer (address, port) has a live session -> hand up (RESPONSEs, retransmits).
@@ -18,15 +18,19 @@ Design
      token check of ``fastknock.knockd.challenges`` -- the four candidate tokens (current
      and previous epoch secret x KNOCK and REVOKE), each verified, no early exit. A match
      -> hand up (Python re-checks it and spends the token); else drop (REASON_RESPONSE).
-  5. Else ``KeyRing.check_index`` (size, magic, operation, user, MAC over the zero
-     challenge, ``_hmac.pxd``): a KNOCK/REVOKE that passes and whose (user, resource)
-     passes rule 3 (the ``grants`` the endpoint computed) is answered here: its computed
-     CHALLENGE goes out with one ``sendmmsg`` per batch, and no Python object is made
-     (VERDICT_CHALLENGED). One that passes without a grant is handed up (Python refuses it
-     and answers as the policy says); one that fails is dropped, counted by reason.
-  A datagram that would be dropped is still handed up if an earlier datagram of the
-  same batch started a session for its peer (the order of the one-by-one path): after
-  any ``track()`` during a batch, the rest of the batch re-checks the live set.
+  5. With secrets set, the KNOCK answer cap (``replaycap.py``, C in ``_replay.pxd``): a
+     KNOCK already answered for enough other peers in this epoch is dropped before any
+     MAC (REASON_CAPPED): a replay from many addresses costs a lookup.
+  6. Else ``KeyRing.check_index`` (size, magic, operation, user, MAC over the zero
+     challenge, ``_hmac.pxd``): a KNOCK/REVOKE that passes is recorded in the cap, and if
+     its (user, resource) passes rule 3 (the ``grants`` the endpoint computed) it is
+     answered here: its computed CHALLENGE goes out with one ``sendmmsg`` per batch, and no
+     Python object is made (VERDICT_CHALLENGED). One that passes without a grant is handed
+     up (Python refuses it and answers as the policy says); one that fails is dropped,
+     counted by reason.
+  The decisions stop at each datagram Python must see; the handler runs (it may start or
+  end a session, or rotate the secrets), then the rest of the batch is decided, so every
+  datagram meets the state the one-by-one path would show it.
   Only handed-up datagrams become Python objects: ``handler(bytes, key, addr)`` with the
   18-byte peer key of ``fastknock.knockd.peer`` and ``addr`` shaped like the socket
   module's (``(host, port)`` or ``(host, port, flow, scope)``), to reply to.
@@ -49,6 +53,15 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport bsearch
 
 from fastknock._hmac cimport HmacKey, KeyRing
+from fastknock.knockd._replay cimport (
+    CAP_SETS,
+    CAP_WAYS,
+    _le64,
+    cap_entry,
+    cap_find,
+    cap_record,
+    cap_refuses,
+)
 from fastknock.knockd._net cimport (
     AF_INET,
     AF_INET6,
@@ -78,6 +91,7 @@ from fastknock._wire cimport (
 )
 
 import logging
+import os
 
 __all__ = ["Reader", "COUNTERS"]
 
@@ -87,6 +101,7 @@ log = logging.getLogger("fastknockd")
 COUNTERS = (
     "dropped", "size", "magic", "operation", "unknown_user", "mac", "response",
     "handed_up", "live_hits", "batches", "errors", "challenged", "send_dropped",
+    "capped", "cap_evicted",
 )
 
 
@@ -107,8 +122,13 @@ cdef class Reader:
     """Drains a non-blocking UDP socket in batches; see the module docstring."""
 
     def __cinit__(self, sock, KeyRing keyring not None, handler, *,
-                  bint pass_rejects=False, unsigned int allowed_ops=0x21, int budget=16):
+                  bint pass_rejects=False, unsigned int allowed_ops=0x21, int budget=16,
+                  bytes cap_seed=None):
         cdef int i
+        if cap_seed is None:
+            cap_seed = os.urandom(16)
+        if len(cap_seed) != 16:
+            raise ValueError("the cap seed is 16 bytes")
         self.fd = sock.fileno()
         if self.fd < 0:
             raise ValueError("socket is closed")
@@ -126,6 +146,11 @@ cdef class Reader:
         self.table = <peer_key *>PyMem_Calloc(self.cap, sizeof(peer_key))
         if self.table == NULL:
             raise MemoryError()
+        self.caps.entries = <cap_entry *>PyMem_Calloc(CAP_SETS * CAP_WAYS, sizeof(cap_entry))
+        if self.caps.entries == NULL:
+            raise MemoryError()
+        self.caps.k0 = _le64(<const uint8_t *><const char *>cap_seed)
+        self.caps.k1 = _le64(<const uint8_t *><const char *>cap_seed + 8)
         memset(self.msgs, 0, sizeof(self.msgs))
         for i in range(RECV_BATCH):
             self.iov[i].iov_base = self.bufs[i]
@@ -141,6 +166,7 @@ cdef class Reader:
     def __dealloc__(self):
         PyMem_Free(self.table)
         PyMem_Free(self.grants)
+        PyMem_Free(self.caps.entries)
 
     # -- configuration (a config reload swaps the key ring and the policy) --
 
@@ -184,14 +210,12 @@ cdef class Reader:
         cdef peer_key k
         _key_from_bytes(key, &k)
         self._insert(&k)
-        self.tracks += 1
 
     def untrack(self, bytes key not None):
         """The endpoint ended the UDP session of the peer ``key``."""
         cdef peer_key k
         _key_from_bytes(key, &k)
         self._remove(&k)
-        self.untracks += 1
 
     # -- the live-peer set --
 
@@ -270,53 +294,48 @@ cdef class Reader:
 
     # -- the hot path --
 
-    cdef void classify(self, int n) noexcept nogil:
-        cdef int i
-        self.nout = 0
-        for i in range(n):
-            self.was_live[i] = False
-            self.out_slot[i] = -1
+    cdef int decide(self, int start, int n) noexcept nogil:
+        """Decide datagrams start..n-1 in order, counting the drops, up to the first one
+        Python must see: its index, or n."""
+        cdef int i, v
+        for i in range(start, n):
             if self.msgs[i].msg_len != WIRE_MSG_SIZE:
-                self.verdict[i] = REASON_SIZE
+                v = REASON_SIZE
             elif self.used and self.live(&self.names[i]):
-                self.verdict[i] = REASON_OK
-                self.was_live[i] = True
                 self.live_hits += 1
+                return i
             else:
-                self.verdict[i] = <uint8_t>self.first_verdict(i)
+                v = self.first_verdict(i)
+                if v == REASON_OK:
+                    return i
+            if v != VERDICT_CHALLENGED:
+                self.dropped += 1
+                self.reasons[v] += 1
+        return n
 
     cdef int first_verdict(self, int i) noexcept nogil:
-        """The verdict on 56-byte datagram i from a peer without a session (steps 3-5)."""
+        """The verdict on 56-byte datagram i from a peer without a session (steps 3-6)."""
         cdef int reason
         cdef Py_ssize_t index
         cdef const unsigned char *buf = self.bufs[i]
+        cdef peer_key k
+        cdef cap_entry *e = NULL
         if self.pass_rejects:  # Python answers rejections too: it checks them itself
             return REASON_OK
         if load_be32(buf + 4) == OP_RESPONSE:
             return self.check_response(buf, &self.names[i])
+        _key_of(&self.names[i], &k)
+        if self.have_cur:
+            e = cap_find(&self.caps, buf + 24, self.epoch)
+            if cap_refuses(e, <const uint8_t *>&k):
+                return REASON_CAPPED
         reason = self.ring.check_index(buf, WIRE_MSG_SIZE, self.allowed_ops, &index)
-        if reason == REASON_OK and self.have_cur and self.granted(
-                load_be32(buf + 8), load_be32(buf + 12)):
-            self.challenge(i)
-            return VERDICT_CHALLENGED
-        return reason
-
-    cdef int recheck(self, int i, int reason) noexcept nogil:
-        """The live set changed earlier in this batch (a session started or ended in a
-        hand-up): decide datagram i as the one-by-one path would have, now."""
-        cdef bint now_live
-        if reason == REASON_SIZE:
+        if reason != REASON_OK or not self.have_cur:
             return reason
-        now_live = self.used and self.live(&self.names[i])
-        if self.was_live[i] and not now_live:  # its session just ended: a first datagram
-            self.live_hits -= 1
-            return self.first_verdict(i)
-        if now_live and not self.was_live[i]:  # its session just started: the session's
-            if self.out_slot[i] >= 0:
-                self.out_dead[self.out_slot[i]] = True
-                self.challenged -= 1
-            self.live_hits += 1
-            return REASON_OK
+        cap_record(&self.caps, e, buf + 24, <const uint8_t *>&k, self.epoch)
+        if self.granted(load_be32(buf + 8), load_be32(buf + 12)):
+            self.challenge(i, &k)
+            return VERDICT_CHALLENGED
         return reason
 
     cdef int check_response(self, const unsigned char *buf,
@@ -355,15 +374,14 @@ cdef class Reader:
         return bsearch(&want, self.grants, self.ngrants, sizeof(unsigned long long),
                        _cmp_u64) != NULL
 
-    cdef void challenge(self, int i) noexcept nogil:
-        """Queue the computed CHALLENGE for datagram i (a KNOCK/REVOKE that passed)."""
+    cdef void challenge(self, int i, const peer_key *k) noexcept nogil:
+        """Queue the computed CHALLENGE for datagram i (a KNOCK/REVOKE that passed) from
+        the peer ``k``."""
         cdef const unsigned char *buf = self.bufs[i]
         cdef unsigned char *out = self.out_bufs[self.nout]
-        cdef peer_key k
         cdef unsigned char head[20]
         cdef unsigned char chal[32]
-        _key_of(&self.names[i], &k)
-        _token_input(head, chal, load_be32(buf + 4), buf + 8, self.epoch, &k)
+        _token_input(head, chal, load_be32(buf + 4), buf + 8, self.epoch, k)
         self.cur.sign_raw(head, chal, out + 24)  # the token is the AUTH field
         store_be32(out, WIRE_MAGIC)
         store_be32(out + 4, OP_CHALLENGE)
@@ -371,22 +389,11 @@ cdef class Reader:
         memcpy(out + 16, out + 24, 8)  # SALT = token[:8]
         self.out_msgs[self.nout].msg_hdr.msg_name = &self.names[i]
         self.out_msgs[self.nout].msg_hdr.msg_namelen = self.msgs[i].msg_hdr.msg_namelen
-        self.out_dead[self.nout] = False
-        self.out_slot[i] = self.nout
         self.nout += 1
         self.challenged += 1
 
     cdef void send_challenges(self) noexcept nogil:
-        cdef int done = 0, sent, j, live = 0
-        for j in range(self.nout):  # drop the cancelled ones (their peer got a session)
-            if not self.out_dead[j]:
-                if live != j:
-                    memcpy(self.out_bufs[live], self.out_bufs[j], WIRE_MSG_SIZE)
-                    self.out_msgs[live].msg_hdr.msg_name = self.out_msgs[j].msg_hdr.msg_name
-                    self.out_msgs[live].msg_hdr.msg_namelen = (
-                        self.out_msgs[j].msg_hdr.msg_namelen)
-                live += 1
-        self.nout = live
+        cdef int done = 0, sent
         while done < self.nout:
             sent = sendmmsg(self.fd, &self.out_msgs[done], self.nout - done, MSG_DONTWAIT)
             if sent < 0:
@@ -414,11 +421,9 @@ cdef class Reader:
     def drain(self):
         """Read until the socket is empty or ``budget`` batches are done. Returns the number
         of datagrams read."""
-        cdef int n = 0, i, call, err
+        cdef int n = 0, i = 0, call, err
         cdef Py_ssize_t total = 0
         cdef int fd = self.fd
-        cdef int reason
-        cdef uint64_t tracks, untracks
         for call in range(self.budget):
             for i in range(RECV_BATCH):
                 self.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
@@ -426,8 +431,7 @@ cdef class Reader:
             with nogil:
                 n = recvmmsg(fd, self.msgs, RECV_BATCH, MSG_DONTWAIT, NULL)
                 err = errno
-                if n > 0:
-                    self.classify(n)
+                i = self.decide(0, n) if n > 0 else 0
             if n < 0:
                 if err == EINTR:
                     continue
@@ -436,19 +440,10 @@ cdef class Reader:
                 break
             self.batches += 1
             total += n
-            tracks, untracks = self.tracks, self.untracks
-            for i in range(n):
-                reason = self.verdict[i]
-                if self.tracks != tracks or self.untracks != untracks:
-                    # A session started or ended earlier in this batch: decide as the
-                    # one-by-one path would (what follows a session's start is the
-                    # session's; what follows its end is a first datagram again).
-                    reason = self.recheck(i, reason)
-                if reason == REASON_OK:
-                    self.hand_up(i)
-                elif reason != VERDICT_CHALLENGED:
-                    self.dropped += 1
-                    self.reasons[reason] += 1
+            while i < n:  # datagram i is Python's; then the rest meets the state it left
+                self.hand_up(i)
+                with nogil:
+                    i = self.decide(i + 1, n)
             if self.nout:  # the CHALLENGEs computed in C, after the batch's hand-ups
                 with nogil:
                     self.send_challenges()
@@ -461,10 +456,11 @@ cdef class Reader:
         out = (
             self.dropped, self.reasons[1], self.reasons[2], self.reasons[3],
             self.reasons[4], self.reasons[5], self.reasons[6], self.handed, self.live_hits,
-            self.batches, self.errors, self.challenged, self.send_dropped,
+            self.batches, self.errors, self.challenged, self.send_dropped, self.reasons[7],
+            self.caps.evicted,
         )
         self.dropped = self.handed = self.live_hits = self.batches = self.errors = 0
-        self.challenged = self.send_dropped = 0
+        self.challenged = self.send_dropped = self.caps.evicted = 0
         memset(self.reasons, 0, sizeof(self.reasons))
         return out
 

@@ -11,9 +11,11 @@ Design
   ``track()``ed (a live session) and not ``untrack()``ed since -> hand up; ``pass_rejects``
   -> hand up; a RESPONSE -> hand up if it answers one of the four candidate tokens
   (``challenges.token``, the one Python statement of the formula), else drop ("magic",
-  "unknown_user" or "response"); else ``keyring.check``: fails -> drop counted by reason;
-  passes with a grant -> answer with the computed CHALLENGE here ("challenged"); passes
-  without one -> hand up.
+  "unknown_user" or "response"); with secrets set, the KNOCK answer cap
+  (``replaycap.ReplayCap``) refuses it -> drop ("capped", before any MAC); else
+  ``keyring.check``: fails -> drop counted by reason; passes -> recorded in the cap, and
+  with a grant answered with the computed CHALLENGE here ("challenged"), without one
+  handed up.
 * ``drain`` reads at most ``budget * 64`` datagrams per call, like the C reader's
   ``budget`` recvmmsg batches, so a flood cannot starve the event loop.
 """
@@ -21,11 +23,13 @@ Design
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Callable
 
 from fastknock.knockd.challenges import challenge_bytes, token
 from fastknock.knockd.peer import KEY_SIZE, key_of
+from fastknock.knockd.replaycap import SEED_SIZE, ReplayCap
 from fastknock.message import MAGIC, MSG_SIZE, Operation, Reason
 
 __all__ = ["COUNTERS", "Reader"]
@@ -46,6 +50,8 @@ COUNTERS: tuple[str, ...] = (
     "errors",
     "challenged",
     "send_dropped",
+    "capped",
+    "cap_evicted",
 )
 _MAGIC = MAGIC.to_bytes(4, "big")
 _RESPONSE = Operation.RESPONSE.to_bytes(4, "big")
@@ -72,6 +78,7 @@ class Reader:
         pass_rejects: bool = False,
         allowed_ops: int = 0x21,
         budget: int = 16,
+        cap_seed: bytes | None = None,
     ) -> None:
         if sock.fileno() < 0:
             raise ValueError("socket is closed")
@@ -89,6 +96,7 @@ class Reader:
         self._counts = dict.fromkeys(COUNTERS, 0)
         self._secrets: tuple[object, int, object] | None = None
         self._grants: frozenset[int] = frozenset()
+        self._caps = ReplayCap(os.urandom(SEED_SIZE) if cap_seed is None else cap_seed)
 
     def configure(self, keyring: object, pass_rejects: bool) -> None:
         if keyring is None:
@@ -169,12 +177,17 @@ class Reader:
         """None: hand up; "challenged": answered here; else the reason field to count."""
         if data[4:8] == _RESPONSE:
             return self._response(data, key)
+        if self._secrets is not None and self._caps.refuses(data[24:56], key, self._secrets[1]):
+            return "capped"
         reason, msg = check(data, self._allowed_ops)  # type: ignore[operator]
         if reason != Reason.OK:
             return _REASON_FIELD[Reason(reason)]
-        if self._secrets is None or (msg.user << 32 | msg.resource) not in self._grants:
+        if self._secrets is None:
             return None
         current, epoch, _ = self._secrets
+        self._caps.record(data[24:56], key, epoch)
+        if (msg.user << 32 | msg.resource) not in self._grants:
+            return None
         tok = token(current, epoch, msg.operation, msg.user, msg.resource, key)  # type: ignore[arg-type]
         try:
             self._sock.sendto(challenge_bytes(tok, msg.user, msg.resource), addr)
@@ -203,6 +216,8 @@ class Reader:
         return None if ok else "response"
 
     def take(self) -> tuple[int, ...]:
+        self._counts["cap_evicted"] = self._caps.evicted
+        self._caps.evicted = 0
         out = tuple(self._counts[name] for name in COUNTERS)
         self._counts = dict.fromkeys(COUNTERS, 0)
         return out

@@ -36,6 +36,7 @@ class Count(enum.Enum):
     OUTCOME_SEQUENCE = ("outcome_sequence", "sequence", None, "")
     OUTCOME_RESPONSE_MAC = ("outcome_response-mac", "response-mac", None, "")
     OUTCOME_REPLAY = ("outcome_replay", "replay", None, "")
+    KNOCK_REPLAY_CAPPED = ("knock_replay_capped", "knock-replay-capped", None, "")
     OUTCOME_FIREWALL = ("outcome_firewall", "firewall", None, "")
     OUTCOME_TIMEOUT = ("outcome_timeout", "timeout", None, "")
     DROPPED_LIMITS = ("dropped_limits", "limits", None, "")
@@ -64,6 +65,13 @@ class Count(enum.Enum):
         None,
         "fastknockd_challenges_total",
         "Computed UDP CHALLENGEs sent (a KNOCK/REVOKE passed basic auth; no state kept).",
+    )
+    KNOCK_CAP_EVICTED = (
+        "knock_cap_evicted",
+        None,
+        "fastknockd_knock_cap_evicted_total",
+        "KNOCKs the answer cap forgot early because their table set was full "
+        "(many distinct valid KNOCKs in one epoch).",
     )
     TCP_CONNECTIONS = (
         "tcp_connections",
@@ -160,6 +168,8 @@ READER_FIELDS: dict[str, tuple[Count, ...]] = {
     "errors": (Count.UDP_READER_ERRORS,),
     "challenged": (Count.RECEIVED, Count.CHALLENGES),  # read and answered in C
     "send_dropped": (Count.UDP_SEND_DROPPED,),
+    "capped": (Count.KNOCK_REPLAY_CAPPED,),  # also in "dropped"
+    "cap_evicted": (Count.KNOCK_CAP_EVICTED,),
 }
 
 

@@ -19,8 +19,11 @@ owns what is per peer, and when it exists:
   gets a *computed* CHALLENGE (``challenges.Challenger``) and leaves nothing behind; a
   RESPONSE that matches a token (and was not used before) starts a full-auth session that
   only waits for the firewall. So a replayed KNOCK, from any number of addresses, holds
-  no slot. A datagram from a peer whose session is waiting for the firewall is dropped
-  and counted (``unfit``); it never ends or changes that session.
+  no slot; and each distinct KNOCK is answered for at most a few peers per epoch
+  (``replaycap.ReplayCap``, looked up before the MAC, filled after it), so such a replay
+  costs a lookup, silently dropped (``knock-replay-capped``) like the other caps. A datagram
+  from a peer whose session is waiting for the firewall is dropped and counted
+  (``unfit``); it never ends or changes that session.
 * TCP keeps a session per connection (the handshake proved the address), with the
   protocol's random token.
 * The budgets (``limits.Budgets``; what each protects and the worst case are in that
@@ -64,6 +67,7 @@ from fastknock.knockd.challenges import Challenger
 from fastknock.knockd.counters import Count, Counters
 from fastknock.knockd.limits import Budgets, Limits, describe
 from fastknock.knockd.peer import peer_of
+from fastknock.knockd.replaycap import SEED_SIZE, ReplayCap
 from fastknock.message import MSG_SIZE, Operation
 from fastknock.protocol import (
     Event,
@@ -86,6 +90,9 @@ WARN_INTERVAL = 60.0  # seconds between two "cap reached" warnings
 Watcher = Callable[[bytes, bool], None]
 SecretsHook = Callable[[Challenger], None]
 _RESPONSE = Operation.RESPONSE.to_bytes(4, "big")
+# Refusals before the MAC passed: a KNOCK refused otherwise (rule 3) still counts in the cap.
+_PRE_MAC = frozenset({Outcome.SIZE, Outcome.MAGIC, Outcome.OPERATION, Outcome.UNKNOWN_USER,
+                      Outcome.MAC})  # fmt: skip
 
 
 class _Slot:
@@ -138,6 +145,7 @@ class Endpoint:
         self._watchers: list[Watcher] = []
         self._secrets_hooks: list[SecretsHook] = []
         self.challenger = self._new_challenger(settings, now)
+        self.replays = ReplayCap(rand(SEED_SIZE))
 
     def _new_challenger(self, settings: ServerSettings, now: float) -> Challenger:
         return Challenger(self._rand, settings.timeout, now, on_rotate=self._rotated)
@@ -202,7 +210,17 @@ class Endpoint:
         if data[4:8] == _RESPONSE:
             self._response(data, key, addr, now)
             return
+        self.challenger.advance(now)
+        auth, epoch = data[24:], self.challenger.epoch
+        if self.replays.refuses(auth, key, epoch):
+            counters[Count.KNOCK_REPLAY_CAPPED] += 1
+            return
         msg, events = self.core.first(data)
+        if msg is not None or not any(
+            isinstance(e, SessionClosed) and e.outcome in _PRE_MAC for e in events
+        ):
+            if self.replays.record(auth, key, epoch):
+                counters[Count.KNOCK_CAP_EVICTED] += 1
         if msg is None:
             self._stateless(events, key, addr)
             return
