@@ -13,7 +13,7 @@ C reader a batch of 64 at once: this is the check that batching changes nothing 
 an operator can see.
 
 Each execution gets fresh readers and endpoints over sockets reused between executions (a
-socket per family and implementation, four clients), all bound to loopback. Every datagram
+socket per family and implementation, sixteen clients), all bound to loopback. Every datagram
 goes to both servers from the same client, so both see the same sources in the same order.
 
 Input layout (a byte stream; missing bytes read as zero):
@@ -24,8 +24,11 @@ Input layout (a byte stream; missing bytes read as zero):
   then up to 4 rounds, each: a byte r -- (r & 0x7F) + 1 datagrams; bit 7: every session
   times out first -- then per datagram a byte d -- client d & 3, kind (d >> 2) & 7, the
   endpoint's action when it is handed up d >> 5 -- and 2 salt bytes (kinds 0-5, 7) or a
-  length and that many bytes (kind 6, raw). After a round: drain until a drain reads
-  nothing, then compare.
+  length and that many bytes (kind 6, raw). A KNOCK or REVOKE whose first salt byte s has
+  bit 7 set is instead a byte-identical replay of the last KNOCK/REVOKE sent, from client
+  4 + s % 12 (sixteen peers in all: enough to reach the KNOCK answer cap of
+  ``knockd.replaycap``, by peers and by answers). After a round: drain until a drain
+  reads nothing, then compare.
   Kinds: 0 KNOCK, 1 REVOKE, 2 RESPONSE signed over a token chosen by the first salt byte
   (& 3: this epoch's KNOCK token for the sender, the previous epoch's REVOKE token, zeros,
   another client's token), 3 KNOCK with a bad MAC, 4 unknown user, 5 bad magic, 6 raw
@@ -123,7 +126,7 @@ class Net:
             pair = tuple(self._server(family) for _ in IMPLS)
             self.servers[family] = pair  # type: ignore[assignment]
         self.clients = []
-        for _ in range(4):
+        for _ in range(16):
             c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             c.bind(("127.0.0.1", 0))
             c.setblocking(False)
@@ -263,6 +266,7 @@ def one(data: bytes) -> None:
     ports = [sock.getsockname()[1] for sock in servers]
     dests = [("127.0.0.1", port) for port in ports]
     seq = 0
+    last_knock: bytes | None = None
     for _round in range(MAX_ROUNDS):
         if not stream.more():
             break
@@ -274,9 +278,16 @@ def one(data: bytes) -> None:
         for _ in range((header & 0x7F) + 1):
             d = stream.byte()
             seq += 1
-            payload = datagram((d >> 2) & 7, stream, seq, d & 3, epoch)
+            kind, index = (d >> 2) & 7, d & 3
+            payload = datagram(kind, stream, seq, index, epoch)
+            if kind in (0, 1):
+                marker = payload[18]  # the first salt byte from the stream
+                if marker & 0x80 and last_knock is not None:
+                    payload, index = last_knock, 4 + marker % 12
+                else:
+                    last_knock = payload
             actions[payload] = d >> 5
-            client = NET.clients[d & 3]
+            client = NET.clients[index]
             for dest in dests:
                 client.sendto(payload, dest)
         c_drains, py_drains = (drain_all(end.reader) for end in ends)
@@ -324,6 +335,13 @@ def seeds() -> Iterator[bytes]:
             knocks = dgram(0, 0, 0) + dgram(1, 1, 0) + dgram(2, 0, 1)
             yield bytes([flags, epoch, 2]) + knocks + bytes([15]) + responses
             yield bytes([flags, epoch, 18]) + knocks + responses
+    # The KNOCK answer cap: one KNOCK replayed from twelve more peers, and 40 times by one
+    # (capped by peers, then by answers), across two batches; then a fresh KNOCK.
+    replays = b"".join(dgram(c & 3, 0, 0, 0x80 | c) for c in range(12))
+    replays += b"".join(dgram(1, 0, 0, 0x80) for _ in range(40))
+    for flags in (0xA0, 0xE1, 0x20, 0xA2):
+        yield bytes([flags, 7, 53]) + dgram(0, 0, 0) + replays + dgram(2, 1, 0)
+        yield bytes([flags, 7, 0]) + dgram(0, 0, 0) + bytes([51]) + replays
 
 
 if __name__ == "__main__":

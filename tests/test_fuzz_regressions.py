@@ -219,8 +219,9 @@ def test_datagram_after_a_session_end_in_a_later_batch_is_dropped(
 # the handler), a later datagram of the same peer in the same batch was already classified
 # "live" at the start of the batch, so the C reader hands it up; the Python reader, deciding
 # one by one, checks it and drops it. (drain() re-checked the live set only after a
-# ``track``; now after any change, ``Reader.recheck``.) The endpoint then saw a first
-# datagram that the reader should have dropped.
+# ``track``; then after any change; now the C reader decides a batch in order and stops at
+# each hand-up, ``Reader.decide``.) The endpoint then saw a first datagram that the reader
+# should have dropped.
 @pytest.mark.parametrize("impl", RECV_IMPLS, ids=[i[0] for i in RECV_IMPLS])
 def test_datagram_after_a_session_end_in_the_same_batch_is_dropped(
     impl: tuple[str, str, str],
@@ -272,7 +273,8 @@ def test_knock_after_a_session_start_in_a_later_batch_is_handed_up(
 # handing anything up), and drain() excluded that verdict from its re-check of the live
 # set. So a KNOCK from a peer whose session started earlier in the same batch got a
 # stateless CHALLENGE from C, where the one-by-one reference hands it up to the session
-# (fixed in d58b964: the CHALLENGE is cancelled and the KNOCK handed up).
+# (fixed in d58b964: the CHALLENGE is cancelled and the KNOCK handed up; since the KNOCK
+# answer cap the C reader decides in order, stopping at each hand-up, so none is queued).
 @pytest.mark.parametrize("impl", RECV_IMPLS, ids=[i[0] for i in RECV_IMPLS])
 def test_knock_after_a_session_start_in_the_same_batch_is_handed_up(
     impl: tuple[str, str, str],

@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from fastknock.knockd.replaycap import PEERS
 from tests import netns, spoof
 from tests.e2e_support import (
     KEY1,
@@ -34,6 +35,8 @@ pytestmark = pytest.mark.e2e
 RES = port_res(0x301, 2601)
 CONTROL_TIMEOUT = 5.0  # the issue's defaults: -n 64 -N 8, control-timeout 5, pre-filter on
 SPOOF_NET = "10.99"
+CHALLENGES = "fastknockd_challenges_total"
+CAPPED = 'fastknockd_rejected_total{reason="knock-replay-capped"}'
 
 
 class Background:
@@ -111,28 +114,38 @@ def legit_knocks(stack: Stack, n: int, src: str) -> int:
 def test_a_knock_replayed_from_1000_addresses_locks_nobody_out() -> None:
     """Issue 10: one captured KNOCK, replayed from 1,000 spoofed addresses at the
     generator's rate, never answering the CHALLENGE. Control: 50 knocks with no attack.
-    Then the same 50 knocks during the replay: all must succeed, without retransmission."""
+    Then 50 knocks during the replay, and 50 more after it has run across an epoch
+    boundary (6 s, control timeout 5 s): all must succeed, without retransmission. The
+    answer cap (``knockd.replaycap``) answers the replay for ``PEERS`` peers per epoch and
+    drops the rest before any MAC: the CHALLENGEs sent stay bounded."""
     netns.require()
     with Stack("replay1k", [RES], timeout=CONTROL_TIMEOUT, verbose=False, metrics=True) as stack:
         _spoofed_sources_route_back(stack)
         other = stack.addrs(False)[2]
         assert legit_knocks(stack, 50, other) == 50  # the no-attack control
         captured = signed(KEY1, KNOCK, USER1, RES.id)
+        wait_for("the control's metrics", lambda: stack.metrics().get(CHALLENGES) == 50)
+        assert stack.metrics()[CAPPED] == 0
         with Replayer(stack, captured, 1000) as attack:
             time.sleep(1.0)  # the flood is on before the first legit knock
             during = legit_knocks(stack, 50, other)
+            time.sleep(max(0.0, 6.0 - (time.monotonic() - attack.started)))
+            during += legit_knocks(stack, 50, other)
         rate = attack.sent / attack.seconds
         print(f"replay: {attack.sent} datagrams in {attack.seconds:.1f} s ({rate:.0f}/s)")
         assert attack.sent > 20_000, f"the generator sent only {attack.sent} datagrams"
-        assert during == 50, f"{during}/50 legit knocks under a replay at {rate:.0f}/s"
-        # Stateless: the replay was answered with computed CHALLENGEs and held no slot.
+        assert during == 100, f"{during}/100 legit knocks under a replay at {rate:.0f}/s"
+        # Stateless and capped: the replay held no slot, and only PEERS copies per epoch
+        # got a CHALLENGE (at most two epochs more than it lasted: it may straddle them).
         wait_for(
-            "the metrics of all 100 knocks",
-            lambda: stack.metrics().get("fastknockd_knocks_total") == 100,
+            "the metrics of all 150 knocks",
+            lambda: stack.metrics().get("fastknockd_knocks_total") == 150,
         )
         metrics = stack.metrics()
         assert metrics["fastknockd_sessions_active"] == 0
-        assert metrics["fastknockd_challenges_total"] >= attack.sent // 2
+        epochs = int(attack.seconds // CONTROL_TIMEOUT) + 2
+        assert 150 <= metrics[CHALLENGES] <= 150 + PEERS * epochs, metrics[CHALLENGES]
+        assert metrics[CAPPED] >= attack.sent // 2, (metrics[CAPPED], attack.sent)
         assert stack.server is not None and stack.server.alive()
 
 
