@@ -156,7 +156,8 @@ def run_reader(
     the handed-up datagrams and the summed counters. The endpoint opens (``track``) or
     ends (``untrack``) the sender's session when ``actions`` says so for a datagram. With
     ``challenges`` the reader has a secret and grants (user 1, resource 0x22), so it
-    answers that KNOCK itself with a stateless CHALLENGE."""
+    answers that KNOCK itself with a stateless CHALLENGE; each client got one such answer
+    before the rounds (not counted), so the reader admits its RESPONSEs (``knockd.asked``)."""
     from fastknock.knockd.peer import key_of
 
     _, recv_name, mac_name = impl
@@ -184,6 +185,11 @@ def run_reader(
         try:
             for c in clients:
                 c.bind(("127.0.0.1", 0))
+                if challenges:
+                    c.sendto(signed(), srv.getsockname())
+            if challenges:
+                assert reader.drain() == len(clients)  # type: ignore[attr-defined]
+                reader.take()  # type: ignore[attr-defined]
             for batch in rounds:
                 for client, item in batch:
                     data = (

@@ -63,6 +63,17 @@ def peer_of(c: socket.socket) -> tuple:
     return ("127.0.0.1", c.getsockname()[1])
 
 
+def answer_once(reader: object, server: socket.socket, c: socket.socket) -> None:
+    """The reader answers a KNOCK from ``c`` (so it admits RESPONSEs from it: ``asked``);
+    the CHALLENGE and the counters are consumed."""
+    peer_of(c)
+    c.sendto(knock(), dest(server))
+    assert drain_until(reader, server, 1) == 1
+    c.settimeout(2)
+    c.recv(100)
+    reader.take()  # type: ignore[attr-defined]
+
+
 def test_a_granted_knock_is_answered_in_the_reader(
     impl: SimpleNamespace, server: socket.socket
 ) -> None:
@@ -98,6 +109,10 @@ def test_response_check_in_the_reader(impl: SimpleNamespace, server: socket.sock
     reader, rec, cur, prev = armed(impl, server)
     with client() as c:
         me = peer_of(c)
+        reader.set_secrets(prev, EPOCH - 1, None)  # type: ignore[attr-defined]
+        answer_once(reader, server, c)  # in the previous epoch
+        reader.set_secrets(cur, EPOCH, prev)  # type: ignore[attr-defined]
+        answer_once(reader, server, c)  # and in this one
         good = [
             response_for(impl, cur, EPOCH, me),
             response_for(impl, prev, EPOCH - 1, me),
@@ -123,6 +138,7 @@ def test_without_a_previous_secret_only_the_current_epoch_answers(
     reader, rec, cur, _ = armed(impl, server, previous=False)
     with client() as c:
         me = peer_of(c)
+        answer_once(reader, server, c)
         # the reader uses the current secret in place of the missing one: masked out
         c.sendto(response_for(impl, cur, EPOCH - 1, me), dest(server))
         c.sendto(response_for(impl, cur, EPOCH, me), dest(server))
@@ -156,9 +172,12 @@ def test_c_and_py_challenge_and_check_alike(server: socket.socket) -> None:
             ns = load_impl(name)
             reader, rec, _ = make(ns, server)
             cur, prev = (ns.mac.HmacKey(x) for x in secrets)
-            reader.set_secrets(cur, EPOCH, prev)  # type: ignore[attr-defined]
             grants = {USER << 32 | RES, OTHER_USER << 32 | RES}
             reader.set_grants(grants)  # type: ignore[attr-defined]
+            reader.set_secrets(prev, EPOCH - 1, None)  # type: ignore[attr-defined]
+            answer_once(reader, server, c)  # admitted in both epochs (``asked``)
+            reader.set_secrets(cur, EPOCH, prev)  # type: ignore[attr-defined]
+            c.setblocking(False)
             for i, d in enumerate(data):
                 c.sendto(d, dest(server))
                 if i % 50 == 49:

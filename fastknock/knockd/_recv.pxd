@@ -4,6 +4,7 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 from fastknock._hmac cimport HmacKey, KeyRing
 from fastknock.knockd._net cimport iovec, mmsghdr, peer_key, sockaddr_storage
+from fastknock.knockd._asked cimport asked_set
 from fastknock.knockd._replay cimport cap_table
 
 
@@ -39,6 +40,7 @@ cdef class Reader:
     cdef unsigned char out_bufs[RECV_BATCH][56]
     cdef int nout
     cdef cap_table caps  # the KNOCK answer cap (replaycap.py), filled only after the MAC
+    cdef asked_set asked  # the peers answered per epoch (asked.py): RESPONSE admission
 
     cdef mmsghdr msgs[RECV_BATCH]
     cdef iovec iov[RECV_BATCH]

@@ -14,15 +14,18 @@ Design
   2. The peer (address, port) has a live session -> hand up (RESPONSEs, retransmits).
   3. ``pass_rejects`` (policy ``always`` sends GOAWAYs, or debug logging wants one line
      per reject): hand up; Python checks and answers everything itself.
-  4. A RESPONSE (from a peer without a session): magic, known user, then the stateless
-     token check of ``fastknock.knockd.challenges`` -- the four candidate tokens (current
-     and previous epoch secret x KNOCK and REVOKE), each verified, no early exit. A match
-     -> hand up (Python re-checks it and spends the token); else drop (REASON_RESPONSE).
+  4. A RESPONSE (from a peer without a session): magic, known user, a peer this reader
+     answered in this or the previous epoch (``asked.py``, C in ``_asked.pxd``; else no
+     token can match), then the stateless token check of ``fastknock.knockd.challenges``
+     -- the four candidate tokens (current and previous epoch secret x KNOCK and REVOKE),
+     each verified, no early exit. A match -> hand up (Python re-checks it and spends the
+     token); else drop (REASON_RESPONSE).
   5. With secrets set, the KNOCK answer cap (``replaycap.py``, C in ``_replay.pxd``): a
      KNOCK already answered for enough other peers in this epoch is dropped before any
      MAC (REASON_CAPPED): a replay from many addresses costs a lookup.
   6. Else ``KeyRing.check_index`` (size, magic, operation, user, MAC over the zero
-     challenge, ``_hmac.pxd``): a KNOCK/REVOKE that passes is recorded in the cap, and if
+     challenge, ``_hmac.pxd``): a KNOCK/REVOKE that passes is recorded in the cap and its
+     peer among the asked ones, and if
      its (user, resource) passes rule 3 (the ``grants`` the endpoint computed) it is
      answered here: its computed CHALLENGE goes out with one ``sendmmsg`` per batch, and no
      Python object is made (VERDICT_CHALLENGED). One that passes without a grant is handed
@@ -53,6 +56,14 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport bsearch
 
 from fastknock._hmac cimport HmacKey, KeyRing
+from fastknock.knockd._asked cimport (
+    ASKED_SLOTS,
+    asked_add,
+    asked_admits,
+    asked_forget,
+    asked_rotate,
+    asked_slot,
+)
 from fastknock.knockd._replay cimport (
     CAP_SETS,
     CAP_WAYS,
@@ -151,6 +162,12 @@ cdef class Reader:
             raise MemoryError()
         self.caps.k0 = _le64(<const uint8_t *><const char *>cap_seed)
         self.caps.k1 = _le64(<const uint8_t *><const char *>cap_seed + 8)
+        for i in range(2):
+            self.asked.gen[i].slots = <asked_slot *>PyMem_Calloc(ASKED_SLOTS, sizeof(asked_slot))
+            if self.asked.gen[i].slots == NULL:
+                raise MemoryError()
+        self.asked.k0 = self.caps.k0 ^ 0x9E3779B97F4A7C15ULL  # another key than the cap's
+        self.asked.k1 = self.caps.k1 ^ 0x9E3779B97F4A7C15ULL
         memset(self.msgs, 0, sizeof(self.msgs))
         for i in range(RECV_BATCH):
             self.iov[i].iov_base = self.bufs[i]
@@ -167,15 +184,24 @@ cdef class Reader:
         PyMem_Free(self.table)
         PyMem_Free(self.grants)
         PyMem_Free(self.caps.entries)
+        PyMem_Free(self.asked.gen[0].slots)
+        PyMem_Free(self.asked.gen[1].slots)
 
     # -- configuration (a config reload swaps the key ring and the policy) --
 
     def configure(self, KeyRing keyring not None, bint pass_rejects):
+        if self.pass_rejects and not pass_rejects:  # Python answered KNOCKs meanwhile
+            asked_forget(&self.asked)
         self.ring = keyring
         self.pass_rejects = pass_rejects
 
     def set_secrets(self, HmacKey current not None, int64_t epoch, HmacKey previous):
         """The challenge secrets of the current epoch (and the previous one, or None)."""
+        cdef bint same = self.have_cur and current is self.cur and epoch == self.epoch
+        cdef bint shift = (self.have_cur and previous is not None and previous is self.cur
+                           and epoch == self.epoch + 1)
+        if not same:
+            asked_rotate(&self.asked, shift)
         self.cur = current
         self.epoch = epoch
         self.have_cur = True
@@ -333,6 +359,7 @@ cdef class Reader:
         if reason != REASON_OK or not self.have_cur:
             return reason
         cap_record(&self.caps, e, buf + 24, <const uint8_t *>&k, self.epoch)
+        asked_add(&self.asked, <const uint8_t *>&k)
         if self.granted(load_be32(buf + 8), load_be32(buf + 12)):
             self.challenge(i, &k)
             return VERDICT_CHALLENGED
@@ -356,6 +383,8 @@ cdef class Reader:
         if not self.have_cur:
             return REASON_RESPONSE
         _key_of(sa, &k)
+        if not asked_admits(&self.asked, <const uint8_t *>&k):  # no token went to this peer
+            return REASON_RESPONSE
         ops[0] = OP_KNOCK
         ops[1] = OP_REVOKE
         for e in range(2):  # every candidate is computed and verified: no early exit

@@ -9,11 +9,14 @@ Design
   ``FASTKNOCK_NO_EXTENSIONS=1`` and the oracle the differential tests compare against.
 * Decisions, per datagram, in this order: not 56 bytes -> drop ("size"); the peer key was
   ``track()``ed (a live session) and not ``untrack()``ed since -> hand up; ``pass_rejects``
-  -> hand up; a RESPONSE -> hand up if it answers one of the four candidate tokens
+  -> hand up; a RESPONSE from a peer this reader did not answer in this or the previous
+  epoch (``asked.AskedPeers``) -> drop ("response", before any crypto); a RESPONSE -> hand
+  up if it answers one of the four candidate tokens
   (``challenges.token``, the one Python statement of the formula), else drop ("magic",
   "unknown_user" or "response"); with secrets set, the KNOCK answer cap
   (``replaycap.ReplayCap``) refuses it -> drop ("capped", before any MAC); else
-  ``keyring.check``: fails -> drop counted by reason; passes -> recorded in the cap, and
+  ``keyring.check``: fails -> drop counted by reason; passes -> recorded in the cap and
+  its peer among the asked ones, and
   with a grant answered with the computed CHALLENGE here ("challenged"), without one
   handed up.
 * ``drain`` reads at most ``budget * 64`` datagrams per call, like the C reader's
@@ -27,6 +30,7 @@ import os
 import socket
 from collections.abc import Callable
 
+from fastknock.knockd.asked import AskedPeers
 from fastknock.knockd.challenges import challenge_bytes, token
 from fastknock.knockd.peer import KEY_SIZE, key_of
 from fastknock.knockd.replaycap import SEED_SIZE, ReplayCap
@@ -97,16 +101,23 @@ class Reader:
         self._secrets: tuple[object, int, object] | None = None
         self._grants: frozenset[int] = frozenset()
         self._caps = ReplayCap(os.urandom(SEED_SIZE) if cap_seed is None else cap_seed)
+        self._asked = AskedPeers()
 
     def configure(self, keyring: object, pass_rejects: bool) -> None:
         if keyring is None:
             raise TypeError("keyring must not be None")
+        if self._pass_rejects and not pass_rejects:  # Python answered KNOCKs meanwhile
+            self._asked.forget()
         self._ring = keyring
         self._pass_rejects = pass_rejects
 
     def set_secrets(self, current: object, epoch: int, previous: object) -> None:
         if current is None:
             raise TypeError("current must not be None")
+        old = self._secrets
+        if old is None or current is not old[0] or epoch != old[1]:
+            shift = old is not None and previous is old[0] and epoch == old[1] + 1
+            self._asked.rotate(previous is not None and shift)
         self._secrets = (current, epoch, previous)
 
     def set_grants(self, grants: object) -> None:
@@ -186,6 +197,7 @@ class Reader:
             return None
         current, epoch, _ = self._secrets
         self._caps.record(data[24:56], key, epoch)
+        self._asked.add(key)
         if (msg.user << 32 | msg.resource) not in self._grants:
             return None
         tok = token(current, epoch, msg.operation, msg.user, msg.resource, key)  # type: ignore[arg-type]
@@ -203,7 +215,7 @@ class Reader:
         user_key = self._ring.get(user)  # type: ignore[attr-defined]
         if user_key is None:
             return "unknown_user"
-        if self._secrets is None:
+        if self._secrets is None or not self._asked.admits(key):
             return "response"
         current, epoch, previous = self._secrets
         salt, auth = data[16:24], data[24:56]
