@@ -460,6 +460,7 @@ cdef class Reader:
             with nogil:
                 n = recvmmsg(fd, self.msgs, RECV_BATCH, MSG_DONTWAIT, NULL)
                 err = errno
+                self.nout = 0  # (a handler that raised out of the last drain left some)
                 i = self.decide(0, n) if n > 0 else 0
             if n < 0:
                 if err == EINTR:
@@ -485,8 +486,8 @@ cdef class Reader:
         out = (
             self.dropped, self.reasons[1], self.reasons[2], self.reasons[3],
             self.reasons[4], self.reasons[5], self.reasons[6], self.handed, self.live_hits,
-            self.batches, self.errors, self.challenged, self.send_dropped, self.reasons[7],
-            self.caps.evicted,
+            self.batches, self.errors, self.challenged, self.send_dropped,
+            self.reasons[REASON_CAPPED], self.caps.evicted,
         )
         self.dropped = self.handed = self.live_hits = self.batches = self.errors = 0
         self.challenged = self.send_dropped = self.caps.evicted = 0
