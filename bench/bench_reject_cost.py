@@ -6,10 +6,14 @@ figure is recvmmsg plus the C checks, per datagram. Kinds:
 
 * ``junk``: 56 random bytes (refused on the magic);
 * ``forged KNOCK``: a KNOCK for a known user with a random AUTH (one HMAC);
-* ``forged RESPONSE``: a RESPONSE for a known user that answers no computed token (four
-  token HMACs and four MAC verifications, ``knockd/challenges.py``);
-* ``replayed KNOCK``: one valid KNOCK from ever new source ports: answered in C with a
-  computed CHALLENGE (one MAC check, one token HMAC, and a sendmmsg).
+* ``forged RESPONSE``: a RESPONSE for a known user with a random AUTH, from a peer the
+  reader never answered: dropped before any crypto (RESPONSE admission, ``knockd/asked.py``);
+* ``forged RESPONSE, answered peer``: the same from a peer that got a CHALLENGE before:
+  four token HMACs and four MAC verifications (``knockd/challenges.py``);
+* ``replayed KNOCK``: one valid KNOCK from ever new source ports: answered for 8 peers,
+  then dropped before the MAC (the KNOCK answer cap, ``knockd/replaycap.py``);
+* ``fresh KNOCKs``: a distinct valid KNOCK each, from ever new source ports: each answered
+  in C with a computed CHALLENGE (one MAC check, one token HMAC, and a sendmmsg).
 
 Ratios are against ``junk`` of the same run. Run: ``PYTHONPATH=. python bench/bench_reject_cost.py``
 (loopback only; bounded: 5 x 40,000 datagrams).
@@ -42,22 +46,40 @@ def kinds() -> dict[str, list[bytes]]:
         "forged RESPONSE": [
             pack(Operation.RESPONSE, USER, RES, os.urandom(8), os.urandom(32)) for _ in range(64)
         ],
+        "forged RESPONSE, answered peer": [
+            pack(Operation.RESPONSE, USER, RES, os.urandom(8), os.urandom(32)) for _ in range(64)
+        ],
         "replayed KNOCK": [valid],
+        "fresh KNOCKs": [fresh() for _ in range(ROUND * ROUNDS)],
     }
 
 
-def cost(reader: object, server: socket.socket, payloads: list[bytes], fresh_ports: bool) -> float:
-    """CPU microseconds per datagram of ``reader.drain()``."""
+def fresh() -> bytes:
+    salt = os.urandom(8)
+    return pack(Operation.KNOCK, USER, RES, salt, PyKey(KEY).sign(0, USER, RES, salt))
+
+
+def cost(
+    reader: object, server: socket.socket, payloads: list[bytes], fresh_ports: bool,
+    answered: bool = False,
+) -> float:  # fmt: skip
+    """CPU microseconds per datagram of ``reader.drain()``; ``answered``: the sender got a
+    CHALLENGE first (not timed)."""
     dest = server.getsockname()
     spent = 0.0
     total = 0
     senders = [
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(50 if fresh_ports else 1)
     ]
+    if answered:
+        senders[0].sendto(fresh(), dest)
+        while not reader.drain():  # type: ignore[attr-defined]
+            pass
     try:
         for r in range(ROUNDS):
             for i in range(ROUND):
-                senders[i % len(senders)].sendto(payloads[i % len(payloads)], dest)
+                data = payloads[(r * ROUND + i) % len(payloads)]
+                senders[i % len(senders)].sendto(data, dest)
             t0 = time.process_time()
             got = 0
             while got < ROUND:
@@ -96,17 +118,17 @@ def main() -> None:
     reader.set_grants({USER << 32 | RES})
     results = {}
     for name, payloads in kinds().items():
-        results[name] = min(
-            cost(reader, server, payloads, name == "replayed KNOCK") for _ in range(3)
-        )
+        ports = name in ("replayed KNOCK", "fresh KNOCKs")
+        answered = name.endswith("answered peer")
+        results[name] = min(cost(reader, server, payloads, ports, answered) for _ in range(3))
         reader.take()
     base = results["junk"]
-    print(f"{'kind':<18} {'us/datagram':>12} {'vs junk':>8}")
+    print(f"{'kind':<31} {'us/datagram':>12} {'vs junk':>8}")
     for name, us in results.items():
-        print(f"{name:<18} {us:>12.3f} {us / base:>7.2f}x")
+        print(f"{name:<31} {us:>12.3f} {us / base:>7.2f}x")
     print(
-        f"\nforged RESPONSE / forged KNOCK: "
-        f"{results['forged RESPONSE'] / results['forged KNOCK']:.2f}x "
+        f"\nforged RESPONSE (answered peer) / forged KNOCK: "
+        f"{results['forged RESPONSE, answered peer'] / results['forged KNOCK']:.2f}x "
         f"(handed up to Python: {len(handed)})"
     )
     server.close()

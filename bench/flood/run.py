@@ -210,7 +210,9 @@ class Bench:
                 "--no-systemd",
             ],
         )
-        self._wait("fastknockfwd", lambda: sock.exists(), self.fwd)
+        log = self.work / f"fwd.{self._n}.log"
+        # The socket file exists from bind(); connections are refused until it listens.
+        self._wait("fastknockfwd", lambda: b"listening on" in log.read_bytes(), self.fwd)
         table = netns.nft(self.pair.server, "list", "table", "inet", "filter")
         assert ("chain fastknock-prefilter" in table) == prefilter, table
 
