@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -135,6 +136,8 @@ def test_batched_counters_show_the_reader_at_work(run: Callable[[Any], Any]) -> 
                 s.sendto(os.urandom(56), ("127.0.0.1", port))
             await tc.until(lambda: c.counters[Count.RECEIVED] >= 100)
         await tc_knock(port, udp=True)
+        # the reader's counters reach the endpoint's within recv.MERGE_DELAY of a drain
+        await tc.until(lambda: c.counters[Count.RECEIVED] >= 102)
         assert c.counters[Count.RECEIVED] == 102 and c.counters[Count.KNOCKED] == 1
         assert c.counters[Count.UDP_BATCHES] >= 1
         # the KNOCK was answered in the reader; only its RESPONSE became a Python object
@@ -191,5 +194,29 @@ def test_a_swapped_core_reconfigures_the_reader(run: Callable[[Any], Any]) -> No
         assert c.counters[Count.KNOCKED] == 1
         proto.close()
         await loop.shutdown_default_executor()
+
+    run(main())
+
+
+def test_the_first_knock_after_an_idle_start_meets_live_secrets(run: Callable[[Any], Any]) -> None:
+    """The C reader answers KNOCKs with the challenger's secrets. A server idle for several
+    epochs after start (no datagram, so no flush, so no rotation timer) once answered its
+    first KNOCK with a secret the endpoint had already dropped: that RESPONSE matched no
+    token and the knock timed out. The reader now starts on the current epoch and the
+    rotation timer runs from the start; the control is a knock right after start."""
+
+    async def main() -> None:
+        timeout = 0.3  # the epoch length
+        for idle in (0.0, 4 * timeout):  # control: no idle time; then four epochs idle
+            c = make_controller(FakeFirewall(), policy=ErrorPolicy.BASIC_AUTH, timeout=timeout)
+            start = time.monotonic()
+            c.endpoint.challenger.rotate_now(start)  # epoch 0 starts now, as in server.py
+            proto, port = await batched_udp_server(c)
+            await asyncio.sleep(idle)
+            await tc_knock(port, udp=True, timeout=2.0)
+            assert c.counters[Count.KNOCKED] == 1, idle
+            assert c.endpoint.challenger.epoch >= int(idle / timeout) - 1
+            proto.close()
+        await asyncio.get_running_loop().shutdown_default_executor()
 
     run(main())
