@@ -20,6 +20,7 @@ WHEEL_NEEDS = [
 SDIST_NEEDS = [
     "tests/netns.py",
     "tests/e2e_support.py",
+    "tests/e2e_peers.py",
     "tests/compat/nftables.conf",
     "docs/PROTOCOL.md",
     "bench/flood/floodgen.c",

@@ -20,14 +20,11 @@ import pytest
 
 from fastknock.osutil import privs
 from tests import netns
+from tests.e2e_peers import CHALLENGE, GOAWAY, KNOCK, RESPONSE, signed, unpack
 from tests.e2e_support import (
-    CHALLENGE,
     FWD_USER,
-    GOAWAY,
     KEY1,
-    KNOCK,
     REPO,
-    RESPONSE,
     SERVER_USER,
     USER1,
     Daemon,
@@ -38,8 +35,6 @@ from tests.e2e_support import (
     jump_res,
     port_res,
     server_config,
-    signed,
-    unpack,
     wait_for,
 )
 

@@ -20,15 +20,8 @@ import pytest
 
 from fastknock.knockd.replaycap import PEERS
 from tests import netns, spoof
-from tests.e2e_support import (
-    KEY1,
-    KNOCK,
-    USER1,
-    Stack,
-    port_res,
-    signed,
-    wait_for,
-)
+from tests.e2e_peers import KNOCK, signed
+from tests.e2e_support import KEY1, USER1, Stack, port_res, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -16,23 +16,16 @@ import sys
 import pytest
 
 from tests import netns
+from tests.e2e_peers import CHALLENGE, COMEIN, KNOCK, RESPONSE, REVOKE, Listeners, signed, unpack
 from tests.e2e_support import (
-    CHALLENGE,
-    COMEIN,
     KEY1,
-    KNOCK,
-    RESPONSE,
-    REVOKE,
     USER1,
     Daemon,
-    Listeners,
     Res,
     Stack,
     jump_res,
     port_res,
     server_config,
-    signed,
-    unpack,
     wait_for,
 )
 

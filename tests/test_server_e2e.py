@@ -32,33 +32,35 @@ from typing import Any
 import pytest
 
 from tests import netns
-from tests.e2e_support import (
+from tests.e2e_peers import (
     CHALLENGE,
     COMEIN,
     GOAWAY,
-    KEY1,
-    KEY2,
     KNOCK,
     MAGIC,
     RESPONSE,
     REVOKE,
-    USER1,
-    USER2,
     ZERO,
-    Res,
     Sniffer,
-    Stack,
     TcpPeer,
     UdpPeer,
     flip,
-    jump_res,
-    nft_counter_packets,
     op_of,
     pack,
-    port_res,
     sign,
     signed,
     unpack,
+)
+from tests.e2e_support import (
+    KEY1,
+    KEY2,
+    USER1,
+    USER2,
+    Res,
+    Stack,
+    jump_res,
+    nft_counter_packets,
+    port_res,
     wait_for,
 )
 

@@ -25,17 +25,8 @@ from pathlib import Path
 import pytest
 
 from tests import netns
-from tests.e2e_support import (
-    KEY1,
-    KNOCK,
-    SERVER_USER,
-    USER1,
-    Stack,
-    flip,
-    port_res,
-    signed,
-    wait_for,
-)
+from tests.e2e_peers import KNOCK, flip, signed
+from tests.e2e_support import KEY1, SERVER_USER, USER1, Stack, port_res, wait_for
 
 pytestmark = pytest.mark.e2e
 
