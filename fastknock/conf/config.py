@@ -68,8 +68,7 @@ from fastknock.conf.lexer import (
     looks_numeric,
     lower_word,
     parse_bool,
-    parse_float,
-    parse_uint,
+    parse_seconds,
     show,
     split_items,
     strip,
@@ -146,8 +145,7 @@ class _Parser(ResourceParser):
             out["port"], out["port_tcp"], out["port_udp"] = self.control_port(opts["port"])
         if "control-timeout" in opts:
             opt = opts["control-timeout"]
-            whole = parse_uint(opt.value)  # letmein also takes 0x hex here
-            timeout = float(whole) if whole is not None else parse_float(opt.value)
+            timeout = parse_seconds(opt.value)  # letmein also takes 0x hex here
             if timeout is None or not 0 < timeout <= U32_MAX:
                 self.fail(
                     f"[GENERAL] control-timeout: bad number {show(strip(opt.value))} "

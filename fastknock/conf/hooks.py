@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from fastknock.conf.lexer import Checker, RawOption, RawSection, parse_float, parse_uint, show
+from fastknock.conf.lexer import Checker, RawOption, RawSection, parse_seconds, show
 from fastknock.conf.lexer import strip as _strip
 from fastknock.conf.model import HooksConfig
 
@@ -80,8 +80,7 @@ def _account(p: Checker, opt: RawOption) -> str:
 
 
 def _timeout(p: Checker, opt: RawOption) -> float:
-    whole = parse_uint(opt.value)
-    value = float(whole) if whole is not None else parse_float(opt.value)
+    value = parse_seconds(opt.value)
     if value is None or not 0 < value <= MAX_TIMEOUT:
         p.fail(
             f"[HOOKS] hook-timeout: bad number {show(_strip(opt.value))} "

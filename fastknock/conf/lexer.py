@@ -267,6 +267,13 @@ def parse_float(s: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def parse_seconds(s: str) -> float | None:
+    """A duration: an unsigned integer (decimal or ``0x`` hex, as letmein's control-timeout
+    takes it) or a finite float, else None. Range checks are the caller's."""
+    whole = parse_uint(s)
+    return float(whole) if whole is not None else parse_float(s)
+
+
 def parse_id(s: str) -> int | None:
     """A user/resource id: 1 to 8 hex digits, either case (letmein: from_str_radix 16)."""
     s = strip(s)
