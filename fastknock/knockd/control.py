@@ -62,7 +62,11 @@ class Controller:
         return self.endpoint.timeout
 
     def attach_udp(self, sendto: SendTo) -> None:
+        """Serve UDP: replies go to ``sendto``, and the endpoint's timer (the challenge
+        secrets' rotation among them) runs from now on, traffic or not: a batched reader
+        answers KNOCKs with the secrets it was last given, never through a flush."""
         self._sendto = sendto
+        self._rearm()
 
     def on_reload(self, hook: Callable[[ServerSettings], None]) -> None:
         self._reload_hooks.append(hook)

@@ -85,8 +85,8 @@ class BatchedUdp:
         )
         self._reconfigure(endpoint.settings)
         # The reader answers KNOCKs with the challenger's secrets: start it on the current
-        # epoch's (the endpoint may have been idle for epochs), and arm the rotation timer
-        # below, so they rotate on time with or without traffic.
+        # epoch's (the endpoint may have been idle for epochs); attach_udp below keeps the
+        # rotation timer running from then on.
         endpoint.challenger.advance(time.monotonic())
         self._secrets(endpoint.challenger)
         endpoint.watch(self._watch)
@@ -97,7 +97,6 @@ class BatchedUdp:
         self._merge_timer: asyncio.TimerHandle | None = None
         self._handed = False
         self._loop.add_reader(self._fd, self._readable)
-        controller.flush()
 
     @staticmethod
     def _pass_rejects(settings: ServerSettings) -> bool:
