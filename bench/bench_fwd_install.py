@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 from netns_rerun import rerun_in_namespace  # noqa: E402
 
 from fastknock.conf.config import NftablesConfig  # noqa: E402
-from fastknock.firewall.nft import Change, Firewall, PortLease  # noqa: E402
+from fastknock.firewall.leases import Change, PortLease  # noqa: E402
+from fastknock.firewall.nft import Firewall  # noqa: E402
 from fastknock.firewall.runner import LibNftables  # noqa: E402
 
 RULESET = """

@@ -59,8 +59,8 @@ from fastknock.errors import ConfigError, FastknockError, FirewallError
 from fastknock.firewall import hookproc
 from fastknock.firewall.daemon import Daemon, ServerAccount
 from fastknock.firewall.hooks import HookLeases, list_record
-from fastknock.firewall.leases import needs_ranges
-from fastknock.firewall.nft import Firewall, PortLease
+from fastknock.firewall.leases import PortLease, needs_ranges
+from fastknock.firewall.nft import Firewall
 from fastknock.firewall.runner import LibNftables, Runner, make_runner
 from fastknock.osutil import metrics, privs, runfiles, seccomp, systemd
 

@@ -18,7 +18,8 @@ from fastknock import ipc
 from fastknock.conf.config import Config, JumpResource, NftablesConfig, PortResource
 from fastknock.firewall.daemon import Daemon, ServerAccount
 from fastknock.firewall.holders import Claim
-from fastknock.firewall.nft import Change, Firewall, LiveLease, PortLease
+from fastknock.firewall.leases import Change, LiveLease, PortLease
+from fastknock.firewall.nft import Firewall
 from fastknock.ipc import FwOp, FwRequest, FwStatus
 
 USER, USER2 = 0x12345678, 0x2

@@ -13,15 +13,15 @@ import pytest
 
 from fastknock.conf.config import NftablesConfig
 from fastknock.errors import FirewallError
-from fastknock.firewall.nft import (
+from fastknock.firewall.leases import (
     Change,
-    Firewall,
     JumpLease,
     LiveLease,
     PortLease,
     jump_comment,
     parse_jump_comment,
 )
+from fastknock.firewall.nft import Firewall
 from fastknock.firewall.runner import LibNftables, NftExe, Runner
 from tests import netns
 

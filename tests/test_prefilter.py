@@ -16,7 +16,8 @@ import pytest
 
 from fastknock.conf.config import NftablesConfig
 from fastknock.firewall import prefilter
-from fastknock.firewall.nft import Change, Firewall, PortLease
+from fastknock.firewall.leases import Change, PortLease
+from fastknock.firewall.nft import Firewall
 from fastknock.firewall.runner import LibNftables
 from tests import netns
 

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import pytest
 
 from fastknock.firewall import prefilter
-from fastknock.firewall.nft import Change, PortLease
+from fastknock.firewall.leases import Change, PortLease
 from fastknock.firewall.runner import LibNftables
 from tests import netns, spoof
 from tests.test_prefilter_e2e import BURST, CFG, MSG, PORT, RATE, Receiver, firewall, send, setup

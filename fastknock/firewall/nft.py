@@ -85,11 +85,9 @@ from fastknock.conf.config import NftablesConfig
 from fastknock.errors import FirewallError
 from fastknock.firewall import prefilter
 from fastknock.firewall.leases import (
-    HOOKS,
     JUMP_PREFIX,
     Change,
     JumpLease,
-    LeaseKey,
     LiveLease,
     PortLease,
     Source,
@@ -101,19 +99,10 @@ from fastknock.firewall.runner import Runner
 
 __all__ = [
     "COMMENT_PREFIX",
-    "HOOKS",
-    "JUMP_PREFIX",
     "RANGES_SUFFIX",
     "SET_PREFIX",
-    "Change",
     "Firewall",
-    "JumpLease",
-    "LeaseKey",
-    "LiveLease",
-    "PortLease",
     "Stats",
-    "jump_comment",
-    "parse_jump_comment",
 ]
 
 SET_PREFIX = "fastknock_"
