@@ -5,6 +5,7 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from fastknock._hmac cimport HmacKey, KeyRing
 from fastknock.knockd._net cimport iovec, mmsghdr, peer_key, sockaddr_storage
 from fastknock.knockd._asked cimport asked_set
+from fastknock.knockd._live cimport live_set
 from fastknock.knockd._replay cimport cap_table
 
 
@@ -47,12 +48,9 @@ cdef class Reader:
     cdef sockaddr_storage names[RECV_BATCH]
     cdef unsigned char bufs[RECV_BATCH][RECV_SLOT]
 
-    # Open-addressing hash set of the peers that have a live session: exactly the keys the
-    # endpoint announced with track() and not yet with untrack().
-    cdef peer_key *table
-    cdef Py_ssize_t cap  # power of two
-    cdef Py_ssize_t used  # live entries
-    cdef Py_ssize_t dead  # tombstones
+    # The peers that have a live session: exactly the keys the endpoint announced with
+    # track() and not yet with untrack().
+    cdef live_set live
 
     # Counters since the last take(): datagrams dropped in C, per reason; handed up;
     # of those, handed up because the peer has a live session; recvmmsg batches; errors.
@@ -72,9 +70,5 @@ cdef class Reader:
     cdef bint granted(self, uint32_t user, uint32_t resource) noexcept nogil
     cdef void challenge(self, int i, const peer_key *k) noexcept nogil
     cdef void send_challenges(self) noexcept nogil
-    cdef bint live(self, const sockaddr_storage *sa) noexcept nogil
     cdef int hand_up(self, int i) except -1
-    cdef Py_ssize_t _find(self, const peer_key *k) noexcept nogil
-    cdef int _insert(self, const peer_key *k) except -1
-    cdef void _remove(self, const peer_key *k) noexcept nogil
-    cdef int _rehash(self, Py_ssize_t cap) except -1
+

@@ -37,10 +37,10 @@ Design
   Only handed-up datagrams become Python objects: ``handler(bytes, key, addr)`` with the
   18-byte peer key of ``fastknock.knockd.peer`` and ``addr`` shaped like the socket
   module's (``(host, port)`` or ``(host, port, flow, scope)``), to reply to.
-* "Live session" is a C hash set of raw peer keys, kept by the endpoint: ``track(key)``
-  when a UDP session starts, ``untrack(key)`` when it ends (synchronously, from inside the
-  handler). So it holds exactly the live sessions, bounded by the session caps whatever
-  the traffic. With no live session the lookup is skipped.
+* "Live session" is a C hash set of raw peer keys (``_live.pxd``), kept by the endpoint:
+  ``track(key)`` when a UDP session starts, ``untrack(key)`` when it ends (synchronously,
+  from inside the handler). So it holds exactly the live sessions, bounded by the session
+  caps whatever the traffic. With no live session the lookup is skipped.
 * Counters live in C and are fetched with ``take()`` (deltas since the last call), which
   the asyncio glue (``fastknock.knockd.recv``) merges into the endpoint's counters.
 """
@@ -56,6 +56,7 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport bsearch
 
 from fastknock._hmac cimport HmacKey, KeyRing
+from fastknock.knockd._live cimport live_free, live_has, live_init, live_insert, live_remove
 from fastknock.knockd._asked cimport (
     ASKED_SLOTS,
     asked_add,
@@ -79,11 +80,9 @@ from fastknock.knockd._net cimport (
     KEY_SIZE,
     MSG_DONTWAIT,
     _cmp_u64,
-    _hash,
     _key_from_bytes,
     _key_of,
     _py_addr,
-    _same,
     _token_input,
     peer_key,
     recvmmsg,
@@ -117,10 +116,6 @@ COUNTERS = (
 
 
 cdef enum:
-    SLOT_EMPTY = 0
-    SLOT_USED = 1
-    SLOT_DEAD = 2
-    MIN_CAP = 64
     OP_KNOCK = 0
     OP_CHALLENGE = 1
     OP_RESPONSE = 2
@@ -153,9 +148,7 @@ cdef class Reader:
         self.pass_rejects = pass_rejects
         self.allowed_ops = allowed_ops
         self.budget = budget
-        self.cap = MIN_CAP
-        self.table = <peer_key *>PyMem_Calloc(self.cap, sizeof(peer_key))
-        if self.table == NULL:
+        if live_init(&self.live) < 0:
             raise MemoryError()
         self.caps.entries = <cap_entry *>PyMem_Calloc(CAP_SETS * CAP_WAYS, sizeof(cap_entry))
         if self.caps.entries == NULL:
@@ -181,7 +174,7 @@ cdef class Reader:
             self.out_msgs[i].msg_hdr.msg_iovlen = 1
 
     def __dealloc__(self):
-        PyMem_Free(self.table)
+        live_free(&self.live)
         PyMem_Free(self.grants)
         PyMem_Free(self.caps.entries)
         PyMem_Free(self.asked.gen[0].slots)
@@ -229,94 +222,20 @@ cdef class Reader:
     @property
     def tracked(self):
         """Entries in the live-peer set (for tests: bounded by the session caps)."""
-        return self.used
+        return self.live.used
 
     def track(self, bytes key not None):
         """The endpoint started a UDP session for the peer ``key`` (18 bytes)."""
         cdef peer_key k
         _key_from_bytes(key, &k)
-        self._insert(&k)
+        if live_insert(&self.live, &k) < 0:
+            raise MemoryError()
 
     def untrack(self, bytes key not None):
         """The endpoint ended the UDP session of the peer ``key``."""
         cdef peer_key k
         _key_from_bytes(key, &k)
-        self._remove(&k)
-
-    # -- the live-peer set --
-
-    cdef bint live(self, const sockaddr_storage *sa) noexcept nogil:
-        cdef peer_key k
-        cdef size_t mask = <size_t>self.cap - 1
-        cdef size_t i
-        _key_of(sa, &k)
-        i = _hash(&k) & mask
-        while self.table[i].state != SLOT_EMPTY:
-            if self.table[i].state == SLOT_USED and _same(&self.table[i], &k):
-                return True
-            i = (i + 1) & mask
-        return False
-
-    cdef Py_ssize_t _find(self, const peer_key *k) noexcept nogil:
-        cdef size_t mask = <size_t>self.cap - 1
-        cdef size_t i = _hash(k) & mask
-        while self.table[i].state != SLOT_EMPTY:
-            if self.table[i].state == SLOT_USED and _same(&self.table[i], k):
-                return <Py_ssize_t>i
-            i = (i + 1) & mask
-        return -1
-
-    cdef int _insert(self, const peer_key *k) except -1:
-        cdef size_t mask
-        cdef size_t i
-        if self._find(k) >= 0:
-            return 0
-        if (self.used + self.dead + 1) * 2 > self.cap:
-            if (self.used + 1) * 2 > self.cap:
-                self._rehash(self.cap * 2)
-            elif (self.used + self.dead + 1) * 2 > self.cap:
-                self._rehash(self.cap)
-        mask = <size_t>self.cap - 1
-        i = _hash(k) & mask
-        while self.table[i].state == SLOT_USED:
-            i = (i + 1) & mask
-        if self.table[i].state == SLOT_DEAD:
-            self.dead -= 1
-        memcpy(&self.table[i], k, sizeof(peer_key))
-        self.table[i].state = SLOT_USED
-        self.used += 1
-        return 0
-
-    cdef void _remove(self, const peer_key *k) noexcept nogil:
-        cdef Py_ssize_t i = self._find(k)
-        if i >= 0:
-            self.table[i].state = SLOT_DEAD
-            self.used -= 1
-            self.dead += 1
-
-    cdef int _rehash(self, Py_ssize_t cap) except -1:
-        cdef peer_key *old = self.table
-        cdef Py_ssize_t oldcap = self.cap, j
-        cdef size_t i, mask
-        if cap < MIN_CAP:
-            cap = MIN_CAP
-        self.table = <peer_key *>PyMem_Calloc(cap, sizeof(peer_key))
-        if self.table == NULL:
-            self.table = old
-            raise MemoryError()
-        self.cap = cap
-        self.used = 0
-        self.dead = 0
-        mask = <size_t>cap - 1
-        for j in range(oldcap):
-            if old[j].state == SLOT_USED:
-                i = _hash(&old[j]) & mask
-                while self.table[i].state != SLOT_EMPTY:
-                    i = (i + 1) & mask
-                self.table[i] = old[j]
-                self.used += 1
-        PyMem_Free(old)
-        return 0
+        live_remove(&self.live, &k)
 
     # -- the hot path --
 
@@ -327,7 +246,7 @@ cdef class Reader:
         for i in range(start, n):
             if self.msgs[i].msg_len != WIRE_MSG_SIZE:
                 v = REASON_SIZE
-            elif self.used and self.live(&self.names[i]):
+            elif self.live.used and live_has(&self.live, &self.names[i]):
                 self.live_hits += 1
                 return i
             else:
@@ -495,4 +414,4 @@ cdef class Reader:
         return out
 
     def __repr__(self):
-        return f"Reader(fd={self.fd}, tracked={self.used})"
+        return f"Reader(fd={self.fd}, tracked={self.live.used})"
