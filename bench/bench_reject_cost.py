@@ -5,7 +5,10 @@ never overflows), and only the reader's ``drain()`` is timed (process CPU time),
 figure is recvmmsg plus the C checks, per datagram. Kinds:
 
 * ``junk``: 56 random bytes (refused on the magic);
-* ``forged KNOCK``: a KNOCK for a known user with a random AUTH (one HMAC);
+* ``forged KNOCK``: a KNOCK for a known user with a random AUTH (one HMAC; the reader
+  computes them four at a time with AVX2, ``keccak4.h``);
+* ``forged KNOCK, scalar MACs``: the same with the 4-way MACs switched off
+  (``fastknock._hmac.vector_macs(False)``): one MAC after the other, as before;
 * ``forged RESPONSE``: a RESPONSE for a known user with a random AUTH, from a peer the
   reader never answered: dropped before any crypto (RESPONSE admission, ``knockd/asked.py``);
 * ``forged RESPONSE, answered peer``: the same from a peer that got a CHALLENGE before:
@@ -41,6 +44,9 @@ def kinds() -> dict[str, list[bytes]]:
     return {
         "junk": [b"\x00" + os.urandom(55) for _ in range(64)],
         "forged KNOCK": [
+            pack(Operation.KNOCK, USER, RES, os.urandom(8), os.urandom(32)) for _ in range(64)
+        ],
+        "forged KNOCK, scalar MACs": [
             pack(Operation.KNOCK, USER, RES, os.urandom(8), os.urandom(32)) for _ in range(64)
         ],
         "forged RESPONSE": [
@@ -103,7 +109,7 @@ def main() -> None:
     if _ext.disabled():
         print("bench_reject_cost measures the C reader: unset FASTKNOCK_NO_EXTENSIONS")
         return
-    from fastknock._hmac import HmacKey, KeyRing
+    from fastknock._hmac import HmacKey, KeyRing, vector_macs
     from fastknock.knockd._recv import Reader
     from fastknock.protocol import FIRST_OPS
 
@@ -120,14 +126,21 @@ def main() -> None:
     for name, payloads in kinds().items():
         ports = name in ("replayed KNOCK", "fresh KNOCKs")
         answered = name.endswith("answered peer")
+        vector_macs(not name.endswith("scalar MACs"))
         results[name] = min(cost(reader, server, payloads, ports, answered) for _ in range(3))
+        vector_macs(True)
         reader.take()
     base = results["junk"]
     print(f"{'kind':<31} {'us/datagram':>12} {'vs junk':>8}")
     for name, us in results.items():
         print(f"{name:<31} {us:>12.3f} {us / base:>7.2f}x")
     print(
-        f"\nforged RESPONSE (answered peer) / forged KNOCK: "
+        f"\nforged KNOCK, 4-way / scalar MACs: "
+        f"{results['forged KNOCK'] / results['forged KNOCK, scalar MACs']:.2f}x "
+        f"(4-way AVX2 in use: {vector_macs()})"
+    )
+    print(
+        f"forged RESPONSE (answered peer) / forged KNOCK: "
         f"{results['forged RESPONSE, answered peer'] / results['forged KNOCK']:.2f}x "
         f"(handed up to Python: {len(handed)})"
     )

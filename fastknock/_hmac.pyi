@@ -3,5 +3,6 @@
 from fastknock._hmac_py import DEFAULT_ALLOWED_OPS as DEFAULT_ALLOWED_OPS
 from fastknock._hmac_py import HmacKey as HmacKey
 from fastknock._hmac_py import KeyRing as KeyRing
+from fastknock._hmac_py import vector_macs as vector_macs
 
-__all__ = ["DEFAULT_ALLOWED_OPS", "HmacKey", "KeyRing"]
+__all__ = ["DEFAULT_ALLOWED_OPS", "HmacKey", "KeyRing", "vector_macs"]

@@ -53,15 +53,17 @@ from fastknock._wire cimport (
 
 from fastknock.message import ZERO_CHALLENGE, Reason
 
-__all__ = ["DEFAULT_ALLOWED_OPS", "HmacKey", "KeyRing"]
+__all__ = ["DEFAULT_ALLOWED_OPS", "HmacKey", "KeyRing", "vector_macs"]
 
 
-cdef extern from "keccak.h":
+cdef extern from "keccak4.h":
     uint64_t fk_load64le(const unsigned char *p) nogil
     uint32_t fk_load32le(const unsigned char *p) nogil
     void fk_sha3_256_absorb_final(uint64_t st[25], const unsigned char *p, size_t n) nogil
     void fk_sha3_256_squeeze(const uint64_t *st, unsigned char *out) nogil
     void fk_keccakf1600_out4(const uint64_t st[25], uint64_t out[4]) nogil
+    void fk_keccakf1600_x4_out4(const uint64_t **inp, uint64_t out[4][4], int vector) nogil
+    int fk_x4_supported() nogil
     # SHA3 padding as lane values: 0x06 (domain bits + first pad bit) in the byte right
     # after the data, 0x80 in the last byte of the block (lane 16, top byte).
     uint64_t PAD_LAST "FK_SHA3_PAD_LAST"
@@ -77,6 +79,20 @@ cdef unsigned char ZERO32[32]  # static storage: all zero, never written
 
 DEFAULT_ALLOWED_OPS = 0x21  # (1 << Operation.KNOCK) | (1 << Operation.REVOKE)
 
+cdef int _vector = 1  # 0: KeyRing.verify_knocks runs four scalar permutations (vector_macs)
+
+
+def vector_macs(enabled=None):
+    """Whether ``KeyRing.verify_knocks`` (the batched receive path) computes its MACs four
+    at a time with AVX2 (``keccak4.h``): the CPU must have it and it must not be switched
+    off. ``enabled`` switches it, for the differential tests and the benchmark's baseline;
+    the results are the same either way."""
+    global _vector
+    if enabled is not None:
+        _vector = 1 if enabled else 0
+    return bool(_vector and fk_x4_supported())
+
+
 cdef tuple _REJECT = tuple([(Reason(i), None) for i in range(len(Reason))])
 cdef object _OK = Reason.OK
 
@@ -90,22 +106,10 @@ cdef inline void _keyed_state(uint64_t st[25], const unsigned char *block,
     fk_keccakf1600(st)
 
 
-cdef inline void _outer(const hmac_state *k, uint64_t s[25], uint64_t mac[4]) noexcept nogil:
-    """mac: the inner digest (as lanes) in, the HMAC out; s: scratch."""
-    memcpy(s, k.outer, 25 * sizeof(uint64_t))
-    s[0] ^= mac[0]
-    s[1] ^= mac[1]
-    s[2] ^= mac[2]
-    s[3] ^= mac[3]
-    s[4] ^= 0x06
-    s[16] ^= PAD_LAST
-    fk_keccakf1600_out4(s, mac)
-
-
-cdef inline void _hmac52(const hmac_state *k, const unsigned char *head,
-                         const unsigned char *challenge, uint64_t mac[4]) noexcept nogil:
-    """HMAC of head (20 bytes) || challenge (32 bytes), as lanes, to mac."""
-    cdef uint64_t s[25]
+cdef inline void _inner_input(const hmac_state *k, const unsigned char *head,
+                              const unsigned char *challenge, uint64_t s[25]) noexcept nogil:
+    """s = the inner state with head (20 bytes) || challenge (32 bytes) and the padding
+    absorbed, ready for the inner permutation."""
     memcpy(s, k.inner, 25 * sizeof(uint64_t))
     # The 52 bytes as 7 little-endian lanes, padding 0x06 at byte 52 (lane 6, byte 4).
     s[0] ^= fk_load64le(head)
@@ -116,19 +120,47 @@ cdef inline void _hmac52(const hmac_state *k, const unsigned char *head,
     s[5] ^= fk_load64le(challenge + 20)
     s[6] ^= fk_load32le(challenge + 28) | (<uint64_t>0x06 << 32)
     s[16] ^= PAD_LAST
+
+
+cdef inline void _outer_input(const hmac_state *k, const uint64_t mac[4],
+                              uint64_t s[25]) noexcept nogil:
+    """s = the outer state with the inner digest mac (as lanes) and the padding absorbed."""
+    memcpy(s, k.outer, 25 * sizeof(uint64_t))
+    s[0] ^= mac[0]
+    s[1] ^= mac[1]
+    s[2] ^= mac[2]
+    s[3] ^= mac[3]
+    s[4] ^= 0x06
+    s[16] ^= PAD_LAST
+
+
+cdef inline void _hmac52(const hmac_state *k, const unsigned char *head,
+                         const unsigned char *challenge, uint64_t mac[4]) noexcept nogil:
+    """HMAC of head (20 bytes) || challenge (32 bytes), as lanes, to mac."""
+    cdef uint64_t s[25]
+    _inner_input(k, head, challenge, s)
     fk_keccakf1600_out4(s, mac)
-    _outer(k, s, mac)
+    _outer_input(k, mac, s)
+    fk_keccakf1600_out4(s, mac)
     # s held keyed state XOR public data: key-equivalent (the permutation is invertible).
     fk_secure_zero(s, sizeof(s))
+
+
+cdef inline bint _same_auth(const uint64_t mac[4], const unsigned char *auth) noexcept nogil:
+    """Constant time: whether auth (32 bytes) is mac (as lanes)."""
+    return ((mac[0] ^ fk_load64le(auth)) | (mac[1] ^ fk_load64le(auth + 8))
+            | (mac[2] ^ fk_load64le(auth + 16)) | (mac[3] ^ fk_load64le(auth + 24))) == 0
 
 
 cdef inline bint _verify52(const hmac_state *k, const unsigned char *head,
                            const unsigned char *challenge,
                            const unsigned char *auth) noexcept nogil:
     cdef uint64_t mac[4]
+    cdef bint ok
     _hmac52(k, head, challenge, mac)
-    return ((mac[0] ^ fk_load64le(auth)) | (mac[1] ^ fk_load64le(auth + 8))
-            | (mac[2] ^ fk_load64le(auth + 16)) | (mac[3] ^ fk_load64le(auth + 24))) == 0
+    ok = _same_auth(mac, auth)
+    fk_secure_zero(mac, sizeof(mac))  # the true MAC of data an attacker may have chosen
+    return ok
 
 
 cdef int _head(object operation, object user, object resource, object salt,
@@ -199,7 +231,8 @@ cdef class HmacKey:
         finally:
             PyBuffer_Release(&view)
         memcpy(mac, s, sizeof(mac))
-        _outer(&self.st, s, mac)
+        _outer_input(&self.st, mac, s)
+        fk_keccakf1600_out4(s, mac)
         fk_secure_zero(s, sizeof(s))
         fk_sha3_256_squeeze(mac, out)
         return PyBytes_FromStringAndSize(<const char *>out, DIGEST_SIZE)
@@ -321,6 +354,65 @@ cdef class KeyRing:
                            const unsigned char *challenge,
                            const unsigned char *auth) noexcept nogil:
         return _verify52(self.states[i], head, challenge, auth)
+
+    cdef void verify_knocks(self, int n, const Py_ssize_t *index,
+                            const unsigned char **data, bint *ok) noexcept nogil:
+        cdef uint64_t s[4][25]
+        cdef uint64_t mac[4][4]
+        cdef const uint64_t *inp[4]
+        cdef int j
+        if n == 1:  # a lone one: the scalar MAC is cheaper than a 4-way with 3 idle
+            ok[0] = _verify52(self.states[index[0]], data[0] + 4, ZERO32, data[0] + 24)
+            return
+        for j in range(4):  # idle ways repeat the first state; their results are unread
+            if j < n:
+                _inner_input(self.states[index[j]], data[j] + 4, ZERO32, s[j])
+            inp[j] = &s[j][0] if j < n else &s[0][0]
+        fk_keccakf1600_x4_out4(inp, mac, _vector)
+        for j in range(n):
+            _outer_input(self.states[index[j]], mac[j], s[j])
+        fk_keccakf1600_x4_out4(inp, mac, _vector)
+        for j in range(n):
+            ok[j] = _same_auth(mac[j], data[j] + 24)
+        fk_secure_zero(s, sizeof(s))
+        fk_secure_zero(mac, sizeof(mac))
+
+    def check_batch(self, datagrams, allowed_ops=DEFAULT_ALLOWED_OPS):
+        """The reason ``check`` gives each of ``datagrams`` (without the messages), the
+        MACs verified four at a time with ``verify_knocks``, as the batched receive path
+        does: for the tests and benchmarks of that path."""
+        cdef list bufs = [bytes(memoryview(d)) for d in datagrams]
+        cdef list out = [0] * len(bufs)
+        cdef Py_ssize_t index[4]
+        cdef const unsigned char *data[4]
+        cdef Py_ssize_t at[4]
+        cdef bint ok[4]
+        cdef Py_ssize_t i, n = 0, j, total = len(bufs)
+        cdef int reason
+        cdef const unsigned char *p
+        cdef unsigned int ops
+        if not isinstance(allowed_ops, int):  # as check()
+            raise TypeError(f"allowed_ops must be an int, not {type(allowed_ops).__name__}")
+        ops = allowed_ops
+        for i in range(total + 1):
+            if i < total:
+                p = <const unsigned char *>PyBytes_AS_STRING(bufs[i])
+                reason = frame_reason(p, PyBytes_GET_SIZE(bufs[i]), ops)
+                if reason == REASON_OK:
+                    index[n] = self.index(load_be32(p + 8))
+                    if index[n] < 0:
+                        reason = REASON_UNKNOWN_USER
+                    else:
+                        data[n] = p
+                        at[n] = i
+                        n += 1
+                out[i] = reason
+            if n == 4 or (i == total and n):
+                self.verify_knocks(<int>n, index, data, ok)
+                for j in range(n):
+                    out[at[j]] = REASON_OK if ok[j] else REASON_MAC
+                n = 0
+        return [Reason(r) for r in out]
 
     def check(self, data, allowed_ops=DEFAULT_ALLOWED_OPS):
         """Parse and authenticate (zero challenge) the first datagram of a session."""

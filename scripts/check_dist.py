@@ -22,6 +22,7 @@ SDIST_NEEDS = [
     "tests/e2e_support.py",
     "tests/e2e_peers.py",
     "tests/compat/nftables.conf",
+    "fastknock/keccak4.h",
     "docs/PROTOCOL.md",
     "bench/flood/floodgen.c",
     "Makefile",

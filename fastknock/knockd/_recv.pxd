@@ -43,6 +43,12 @@ cdef class Reader:
     cdef cap_table caps  # the KNOCK answer cap (replaycap.py), filled only after the MAC
     cdef asked_set asked  # the peers answered per epoch (asked.py): RESPONSE admission
 
+    # MAC verdicts of this batch's datagrams computed ahead, four at a time (macs_from):
+    # bit i of mac_known says datagram i has one, bit i of mac_ok what it is.
+    cdef int nread  # datagrams in the batch
+    cdef uint64_t mac_known
+    cdef uint64_t mac_ok
+
     cdef mmsghdr msgs[RECV_BATCH]
     cdef iovec iov[RECV_BATCH]
     cdef sockaddr_storage names[RECV_BATCH]
@@ -65,6 +71,8 @@ cdef class Reader:
 
     cdef int decide(self, int start, int n) noexcept nogil
     cdef int first_verdict(self, int i) noexcept nogil
+    cdef bint mac_candidate(self, int j, Py_ssize_t *index) noexcept nogil
+    cdef void macs_from(self, int i, Py_ssize_t index) noexcept nogil
     cdef int check_response(self, const unsigned char *buf,
                             const sockaddr_storage *sa) noexcept nogil
     cdef bint granted(self, uint32_t user, uint32_t resource) noexcept nogil
