@@ -26,6 +26,9 @@
  *
  * drain: a dual-stack UDP socket on --port drained with recvmmsg (64 per call, blocking
  * for the first): the receive capacity reference. Prints "received=N seconds=T".
+ * With --pause-us U it moderates as fastknockd's batched path does (knockd/recv.py): a
+ * call that returned less than a full batch within 1 ms of the previous one is followed by
+ * a sleep of U microseconds: the like-for-like reference for a moderated reader.
  *
  * Only ever run inside the benchmark's own network namespaces (bench/flood/run.py).
  */
@@ -64,7 +67,7 @@ static void usage(void) {
     fprintf(stderr, "usage: floodgen send --mode junk|wrongsize|forged|replay|response --src A "
                     "--dst A --port P --seconds S [--ports N] [--sources N [--fresh A]] [--user HEX] "
                     "[--resource HEX] "
-                    "[--knock HEX]\n       floodgen drain --port P --seconds S\n");
+                    "[--knock HEX]\n       floodgen drain --port P --seconds S [--pause-us U]\n");
     exit(2);
 }
 
@@ -216,12 +219,14 @@ static int do_send(int argc, char **argv) {
 static int do_drain(int argc, char **argv) {
     int port = 0;
     double seconds = 0;
+    long pause_us = 0;
     for (int i = 2; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--port")) port = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "--pause-us")) pause_us = atol(argv[i + 1]);
         else usage();
     }
-    if (port <= 0 || port > 65535 || seconds <= 0) usage();
+    if (port <= 0 || port > 65535 || seconds <= 0 || pause_us < 0 || pause_us > 1000000) usage();
     int fd = socket(AF_INET6, SOCK_DGRAM, 0);
     if (fd < 0) die("socket");
     int off = 0;
@@ -239,7 +244,8 @@ static int do_drain(int argc, char **argv) {
     struct iovec iov[BATCH];
     struct mmsghdr msgs[BATCH];
     unsigned long long got = 0;
-    double start = now(), end = start + seconds;
+    double start = now(), end = start + seconds, last = 0;
+    struct timespec rest = {.tv_sec = 0, .tv_nsec = pause_us * 1000};
     while (now() < end) {
         for (int i = 0; i < BATCH; i++) {
             iov[i].iov_base = bufs[i];
@@ -252,6 +258,11 @@ static int do_drain(int argc, char **argv) {
         }
         int n = recvmmsg(fd, msgs, BATCH, MSG_WAITFORONE, NULL);
         if (n > 0) got += n;
+        if (pause_us && n > 0) {
+            double t = now();
+            if (n < BATCH && t - last < 0.001) nanosleep(&rest, NULL);
+            last = t;
+        }
     }
     printf("received=%llu seconds=%.3f\n", got, now() - start);
     return 0;

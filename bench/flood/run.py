@@ -26,6 +26,11 @@ Design
   batched path with N workers, and the C ``recvmmsg`` drain reference (``floodgen drain``:
   reads and counts, checks nothing). Then the ratios the issue asks for, and fastknockd's
   RSS before/after a replay flood from 10,000 source ports.
+* CPU rounds (``--rounds``, default 3): every mode on the bare C drain, on the C drain that
+  rests as the batched path does (``floodgen drain --pause-us``, knockd/recv.py) and on the
+  batched path, with no legitimate knocks in any, in rotating order; the CPU ratios are
+  those of the medians, each round's shown too. CPU per datagram = the server's CPU
+  seconds over the measurement / datagrams read.
 * A benchmark, not a test: it asserts nothing and every figure varies between runs;
   compare within one run.
 """
@@ -52,6 +57,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
+from fastknock.knockd import recv  # noqa: E402
 from fastknock.mac import HmacKey  # noqa: E402
 from fastknock.message import Operation  # noqa: E402
 from fastknock.protocol import ClientSession  # noqa: E402
@@ -116,6 +122,7 @@ class Row:
     knocks: int
     latencies: list[float]
     pf_dropped: int = -1  # datagrams the pre-filter dropped for a rate (prefilter-fill rows)
+    cpu_s: float = 0.0  # server CPU seconds (user + system) over the measurement
 
     @property
     def absorbed(self) -> float:
@@ -131,7 +138,7 @@ class Row:
         """Server CPU microseconds per datagram read (none if it read next to nothing)."""
         if self.read < 1000 * self.seconds:
             return float("nan")
-        return self.cpu / 100 * self.seconds / self.read * 1e6
+        return self.cpu_s / self.read * 1e6
 
     def pct(self, q: float) -> float:
         if not self.latencies:
@@ -390,6 +397,7 @@ class Bench:
             knocks,
             ok,
             self.pf_dropped() - pf0 if mode == FILL else -1,
+            (cpu1 - cpu0) / CLK_TCK,
         )
         print(fmt(row), flush=True)
         return row
@@ -410,17 +418,15 @@ class Bench:
         old = re.search(r"\} counter packets (\d+) bytes \d+ drop", table)
         return int((new or old).group(1)) if (new or old) else 0  # type: ignore[union-attr]
 
-    def drain_reference(self, mode: str) -> Row:
+    def drain_reference(self, mode: str, pause_us: int = 0) -> Row:
         seconds = self.args.seconds
         self._stop(self.server)
-        drain = netns.popen(
-            self.pair.server,
-            [self.floodgen, "drain", "--port", str(PORT), "--seconds", str(seconds + 1.0)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        argv = [self.floodgen, "drain", "--port", str(PORT), "--seconds", str(seconds + 1.0)]
+        if pause_us:
+            argv += ["--pause-us", str(pause_us)]
+        drain = netns.popen(self.pair.server, argv, stdout=subprocess.PIPE, text=True)
         assert drain.stdout is not None and drain.stdout.readline().strip() == "ready"
-        row = self.measure("C recvmmsg drain", mode, False, [drain.pid], 0)
+        row = self.measure(MODERATED if pause_us else DRAIN, mode, False, [drain.pid], 0)
         drain.wait(seconds + 30)
         return row
 
@@ -483,6 +489,13 @@ def main() -> int:
         type=int,
         default=1000,
         help="spoofed source addresses of the replay-many mode (default: 1000)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds of the C drain and the batched path without legit knocks, "
+        "for the CPU ratio (default: 3)",
     )
     ap.add_argument(
         "--baseline",
@@ -551,8 +564,7 @@ def main() -> int:
             for mode in modes:
                 rows.append(bench.measure(label, mode, False, bench.server_pids(), args.knocks))
         if "drain" in want:
-            for mode in modes:
-                rows.append(bench.drain_reference(mode))
+            rows += cpu_rounds(bench, modes, args.rounds)
         rss = None
         if "rss" in want:
             bench.start_server("batched")
@@ -567,6 +579,36 @@ def main() -> int:
         summary(rows, rss)
         fill_summary(rows)
     return 0
+
+
+DRAIN = "C recvmmsg drain"
+MODERATED = "C drain, moderated"  # floodgen drain --pause-us: knockd/recv.py's rest rule
+QUIET = "batched, no knocks"  # the batched path's rows of the CPU rounds
+
+
+def cpu_rounds(bench: Bench, modes: Sequence[str], rounds: int) -> list[Row]:
+    """The CPU comparison: ``rounds`` rounds, each every mode on the bare C drain, on the
+    C drain that rests as the batched path does (``recv.PAUSE``), and on the batched path
+    (1 worker), with no legitimate knocks in any (so that all do the same work: read the
+    flood), in rotating order, so that the machine's drift falls on all alike."""
+    rows = []
+    order = ("batched", "drain", "moderated")
+    pause_us = round(recv.PAUSE * 1e6)
+    for r in range(rounds):
+        for which in order[r % 3 :] + order[: r % 3]:
+            if which == "batched":
+                bench.start_server("batched")
+            for mode in modes:
+                if which == "batched":
+                    rows.append(bench.measure(QUIET, mode, False, bench.server_pids(), 0))
+                else:
+                    rows.append(bench.drain_reference(mode, pause_us if which != "drain" else 0))
+    return rows
+
+
+def median(xs: Sequence[float]) -> float:
+    ys = sorted(xs)
+    return (ys[(len(ys) - 1) // 2] + ys[len(ys) // 2]) / 2 if ys else float("nan")
 
 
 def prefilter_fill(bench: Bench, knocks: int) -> list[Row]:
@@ -618,12 +660,40 @@ def summary(rows: list[Row], rss: tuple[int, int, int, int] | None) -> None:
     )
     labels = sorted(
         {r.path for r in rows if r.path.startswith("batched ") or r.path == "batched"}
-        - {"batched (RSS)"}
+        - {"batched (RSS)", QUIET}
     )
-    print("\nCPU per datagram, each batched row / the C recvmmsg drain (same run):")
+
+    def costs(path: str, mode: str) -> list[float]:
+        return [r.cost for r in rows if r.path == path and r.mode == mode and not r.prefilter]
+
+    if any(r.path == QUIET for r in rows):
+        print(
+            "\nCPU per datagram: the batched path against the bare C drain (the issue's"
+            " reference) and against the C drain that rests as the batched path does"
+            " (like for like: what the checks cost); interleaved rounds, no legit knocks in"
+            " any; median us/dg, ratio of the medians, each round's ratio:"
+        )
+        for mode in MODES:
+            b, d, m = costs(QUIET, mode), costs(DRAIN, mode), costs(MODERATED, mode)
+            if b and d and m:
+                each = " ".join(f"{x / y:.2f}x" for x, y in zip(b, d, strict=False))
+                like = " ".join(f"{x / y:.2f}x" for x, y in zip(b, m, strict=False))
+                print(
+                    f"  {mode:<11} batched {median(b):5.2f}  bare drain {median(d):5.2f} "
+                    f"({median(b) / median(d):4.2f}x; rounds {each})  moderated drain "
+                    f"{median(m):5.2f} ({median(b) / median(m):4.2f}x; rounds {like})"
+                )
+    print(
+        "\nCPU per datagram, each batched row (with the legit knocks: their Python work is"
+        " in it) / the median C recvmmsg drain (same run):"
+    )
     for mode in MODES:
-        d = get("C recvmmsg drain", mode)
-        cells = [f"{lb} {r.cost / d.cost:5.2f}x" for lb in labels if d and (r := get(lb, mode))]
+        d = median(costs(DRAIN, mode))
+        cells = [
+            f"{lb} {r.cost / d:5.2f}x"
+            for lb in labels
+            if costs(DRAIN, mode) and (r := get(lb, mode))
+        ]
         if cells:
             print(f"  {mode:<11} " + "  ".join(cells))
     if any(BASELINE in lb for lb in labels):
@@ -639,7 +709,7 @@ def summary(rows: list[Row], rss: tuple[int, int, int, int] | None) -> None:
                     )
     for mode in MODES:
         b = get("batched", mode)
-        for other in ("C recvmmsg drain", "uvloop DatagramProtocol", "pure-Python fallback"):
+        for other in (DRAIN, "uvloop DatagramProtocol", "pure-Python fallback"):
             o = get(other, mode)
             if b and o and o.absorbed:
                 print(
