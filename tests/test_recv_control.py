@@ -242,13 +242,13 @@ def test_under_a_stream_the_reader_rests_between_wake_ups(
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 for n in (1, 2):  # two wake-ups: the second one is "soon" if stream
                     s.sendto(os.urandom(56), ("127.0.0.1", port))
-                    await tc.until(lambda n=n: c.counters[Count.RECEIVED] == n)
+                    await tc.until(lambda n=n, c=c: c.counters[Count.RECEIVED] == n)
                 assert (proto._resume_timer is not None) == stream
                 s.sendto(os.urandom(56), ("127.0.0.1", port))
                 await asyncio.sleep(0.1)
                 # resting: the third datagram waits in the socket; else it is read at once
                 assert c.counters[Count.RECEIVED] == (2 if stream else 3)
-                await tc.until(lambda: c.counters[Count.RECEIVED] == 3)
+                await tc.until(lambda c=c: c.counters[Count.RECEIVED] == 3)
             proto.close()  # (while resting: the resume timer goes too)
             assert proto._resume_timer is None
         await asyncio.get_running_loop().shutdown_default_executor()
