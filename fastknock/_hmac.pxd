@@ -14,6 +14,16 @@ ctypedef struct hmac_state:
     uint64_t outer[25]
 
 
+# Four HMAC-SHA3-256 of 52-byte inputs at once (four ways of one AVX2 permutation,
+# keccak4.h; four scalar ones without AVX2 or with vector_macs(False)): way j under
+# keys[j] over heads[j] (20 bytes) || challenges[j] (32 bytes; challenges NULL: all zero),
+# the MAC as lanes to mac[j]. The caller wipes mac if it is secret to it.
+cdef void hmac52_x4(const hmac_state **keys, const unsigned char **heads,
+                    const unsigned char **challenges, uint64_t mac[4][4]) noexcept nogil
+# Constant time: whether auth (32 bytes) is mac (as lanes).
+cdef bint auth_is(const uint64_t mac[4], const unsigned char *auth) noexcept nogil
+
+
 cdef class HmacKey:
     cdef hmac_state st
 
@@ -52,7 +62,6 @@ cdef class KeyRing:
                            const unsigned char *auth) noexcept nogil
     # The MACs of n (1..4) KNOCK/REVOKE datagrams (56 bytes at data[j], already past the
     # frame checks; their user at index[j]) over the zero challenge, computed together
-    # (four ways of one AVX2 permutation, keccak4.h): ok[j] = whether data[j]'s AUTH is
-    # right. Constant time per datagram, as verify_index.
+    # (hmac52_x4): ok[j] = whether data[j]'s AUTH is right. Constant time per datagram.
     cdef void verify_knocks(self, int n, const Py_ssize_t *index,
                             const unsigned char **data, bint *ok) noexcept nogil

@@ -79,12 +79,12 @@ cdef unsigned char ZERO32[32]  # static storage: all zero, never written
 
 DEFAULT_ALLOWED_OPS = 0x21  # (1 << Operation.KNOCK) | (1 << Operation.REVOKE)
 
-cdef int _vector = 1  # 0: KeyRing.verify_knocks runs four scalar permutations (vector_macs)
+cdef int _vector = 1  # 0: hmac52_x4 runs four scalar permutations (vector_macs)
 
 
 def vector_macs(enabled=None):
-    """Whether ``KeyRing.verify_knocks`` (the batched receive path) computes its MACs four
-    at a time with AVX2 (``keccak4.h``): the CPU must have it and it must not be switched
+    """Whether ``hmac52_x4`` (the batched receive path's MACs and tokens) computes four at
+    a time with AVX2 (``keccak4.h``): the CPU must have it and it must not be switched
     off. ``enabled`` switches it, for the differential tests and the benchmark's baseline;
     the results are the same either way."""
     global _vector
@@ -161,6 +161,25 @@ cdef inline bint _verify52(const hmac_state *k, const unsigned char *head,
     ok = _same_auth(mac, auth)
     fk_secure_zero(mac, sizeof(mac))  # the true MAC of data an attacker may have chosen
     return ok
+
+
+cdef void hmac52_x4(const hmac_state **keys, const unsigned char **heads,
+                    const unsigned char **challenges, uint64_t mac[4][4]) noexcept nogil:
+    cdef uint64_t s[4][25]
+    cdef const uint64_t *inp[4]
+    cdef int j
+    for j in range(4):
+        _inner_input(keys[j], heads[j], challenges[j] if challenges != NULL else ZERO32, s[j])
+        inp[j] = &s[j][0]
+    fk_keccakf1600_x4_out4(inp, mac, _vector)
+    for j in range(4):
+        _outer_input(keys[j], mac[j], s[j])
+    fk_keccakf1600_x4_out4(inp, mac, _vector)
+    fk_secure_zero(s, sizeof(s))  # keyed state XOR public data
+
+
+cdef bint auth_is(const uint64_t mac[4], const unsigned char *auth) noexcept nogil:
+    return _same_auth(mac, auth)
 
 
 cdef int _head(object operation, object user, object resource, object salt,
@@ -357,24 +376,19 @@ cdef class KeyRing:
 
     cdef void verify_knocks(self, int n, const Py_ssize_t *index,
                             const unsigned char **data, bint *ok) noexcept nogil:
-        cdef uint64_t s[4][25]
+        cdef const hmac_state *keys[4]
+        cdef const unsigned char *heads[4]
         cdef uint64_t mac[4][4]
-        cdef const uint64_t *inp[4]
         cdef int j
         if n == 1:  # a lone one: the scalar MAC is cheaper than a 4-way with 3 idle
             ok[0] = _verify52(self.states[index[0]], data[0] + 4, ZERO32, data[0] + 24)
             return
-        for j in range(4):  # idle ways repeat the first state; their results are unread
-            if j < n:
-                _inner_input(self.states[index[j]], data[j] + 4, ZERO32, s[j])
-            inp[j] = &s[j][0] if j < n else &s[0][0]
-        fk_keccakf1600_x4_out4(inp, mac, _vector)
+        for j in range(4):  # idle ways repeat the first datagram; their results are unread
+            keys[j] = self.states[index[j if j < n else 0]]
+            heads[j] = data[j if j < n else 0] + 4
+        hmac52_x4(keys, heads, NULL, mac)
         for j in range(n):
-            _outer_input(self.states[index[j]], mac[j], s[j])
-        fk_keccakf1600_x4_out4(inp, mac, _vector)
-        for j in range(n):
-            ok[j] = _same_auth(mac[j], data[j] + 24)
-        fk_secure_zero(s, sizeof(s))
+            ok[j] = auth_is(mac[j], data[j] + 24)
         fk_secure_zero(mac, sizeof(mac))
 
     def check_batch(self, datagrams, allowed_ops=DEFAULT_ALLOWED_OPS):

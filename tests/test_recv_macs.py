@@ -7,7 +7,9 @@ hand-ups, the same replies to every client and the same counters. The plan mixes
 make a verdict computed ahead unneeded: a peer that gets a session in the middle of a batch
 (its later datagrams go to Python without a MAC), a captured KNOCK replayed from many peers
 (the cap fills in the middle of a batch), a key-ring swap between batches, next to forged
-KNOCKs of three users, valid granted and ungranted ones, REVOKEs and junk.
+KNOCKs of three users, valid granted and ungranted ones, REVOKEs, RESPONSEs (their four
+candidate tokens and MAC checks are the four ways of two ``hmac52_x4``), forged ones, and
+junk.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ from tests.test_recv import (
     knock,
     make,
 )
+from tests.test_recv_challenges import response_for
 
 pytestmark = pytest.mark.skipif(NO_EXTENSIONS, reason="FASTKNOCK_NO_EXTENSIONS=1")
 
 THIRD_USER = 0x00000003
 KEYS = {USER: None, OTHER_USER: os.urandom(32), THIRD_USER: os.urandom(32)}
 BATCH = 64
+SECRET = b"\x11" * 32
+EPOCH = 7
 CLIENTS = 24
 SESSIONS = 4  # the clients whose ungranted KNOCKs open a session
 
@@ -55,8 +60,9 @@ def clients() -> Iterator[list[socket.socket]]:
         s.close()
 
 
-def plan(rng: random.Random, keys: dict[int, bytes]) -> list[tuple[int, bytes]]:
+def plan(rng: random.Random, keys: dict[int, bytes], peers: list) -> list[tuple[int, bytes]]:
     captured = knock()
+    secret = load_impl("py").mac.HmacKey(SECRET)
     steps = []
     for _ in range(BATCH * 14):
         who = rng.randrange(CLIENTS)
@@ -72,8 +78,14 @@ def plan(rng: random.Random, keys: dict[int, bytes]) -> list[tuple[int, bytes]]:
             who = rng.randrange(SESSIONS)
         elif r < 0.67:
             data = knock(op=Operation.REVOKE)
-        elif r < 0.85:
+        elif r < 0.8:
             data = captured
+        elif r < 0.85:  # a RESPONSE to the CHALLENGE this peer got (if it got one yet)
+            who = rng.randrange(SESSIONS)
+            data = response_for(load_impl("py"), secret, EPOCH, peers[who])
+        elif r < 0.9:  # a forged one
+            data = response_for(load_impl("py"), secret, EPOCH, peers[who])
+            data = data[:30] + bytes([data[30] ^ 4]) + data[31:]
         else:
             data = rng.randbytes(rng.choice([56, 40]))
         steps.append((who, data))
@@ -88,8 +100,8 @@ def run(name: str, vector: bool, steps: list, keys: dict[int, bytes], server, cl
         _hmac.vector_macs(vector)
     reader, rec, _ = make(ns, server, open_sessions=True, cap_seed=bytes(16))
     reader.configure(ns.mac.KeyRing(keys), False)  # type: ignore[attr-defined]
-    cur = ns.mac.HmacKey(b"\x11" * 32)
-    reader.set_secrets(cur, 7, None)  # type: ignore[attr-defined]
+    cur = ns.mac.HmacKey(SECRET)
+    reader.set_secrets(cur, EPOCH, None)  # type: ignore[attr-defined]
     reader.set_grants({USER << 32 | RES})  # type: ignore[attr-defined]
     totals = dict.fromkeys(ns.COUNTERS, 0)
     for b in range(0, len(steps), BATCH):
@@ -116,7 +128,7 @@ def test_batched_macs_decide_as_one_by_one(server: socket.socket, clients: list)
     from tests.test_recv import KEY
 
     keys = {**KEYS, USER: KEY}
-    steps = plan(random.Random(77), keys)
+    steps = plan(random.Random(77), keys, [c.getsockname() for c in clients])
     before = _hmac.vector_macs()
     try:
         results = {
@@ -129,5 +141,6 @@ def test_batched_macs_decide_as_one_by_one(server: socket.socket, clients: list)
     assert results["c-scalar"] == results["py"]
     got = results["py"][2]
     # The plan reached every path it is about.
-    assert got["mac"] > 200 and got["challenged"] > 50 and got["capped"] > 50
+    assert got["mac"] > 200 and got["challenged"] > 50 and got["capped"] > 30
     assert got["live_hits"] > 20 and got["handed_up"] > got["live_hits"]
+    assert got["response"] > 20

@@ -18,15 +18,19 @@ Design
      answered in this or the previous epoch (``asked.py``, C in ``_asked.pxd``; else no
      token can match), then the stateless token check of ``fastknock.knockd.challenges``
      -- the four candidate tokens (current and previous epoch secret x KNOCK and REVOKE),
-     each verified, no early exit. A match -> hand up (Python re-checks it and spends the
-     token); else drop (REASON_RESPONSE).
+     each verified, no early exit, as the four ways of two ``hmac52_x4`` calls (AVX2,
+     ``keccak4.h``). A match -> hand up (Python re-checks it and spends the token); else
+     drop (REASON_RESPONSE).
   5. With secrets set, the KNOCK answer cap (``replaycap.py``, C in ``_replay.pxd``): a
      KNOCK already answered for enough other peers in this epoch is dropped before any
      MAC (REASON_CAPPED): a replay from many addresses costs a lookup.
-  6. Else ``KeyRing.check_index`` (size, magic, operation, user, MAC over the zero
-     challenge, ``_hmac.pxd``): a KNOCK/REVOKE that passes is recorded in the cap and its
-     peer among the asked ones, and if
-     its (user, resource) passes rule 3 (the ``grants`` the endpoint computed) it is
+  6. Else the fused check of ``KeyRing.check_index`` (size, magic, operation, user, MAC
+     over the zero challenge, ``_hmac.pxd``), its MAC computed together with up to three
+     later datagrams of the batch that will need one (``macs_from``: four ways of one
+     AVX2 permutation; a verdict computed ahead depends on the key ring alone, so it stays
+     right whatever the datagrams before it change). A KNOCK/REVOKE that passes is
+     recorded in the cap and its peer among the asked ones, and if its (user, resource)
+     passes rule 3 (the ``grants`` the endpoint computed) it is
      answered here: its computed CHALLENGE goes out with one ``sendmmsg`` per batch, and no
      Python object is made (VERDICT_CHALLENGED). One that passes without a grant is handed
      up (Python refuses it and answers as the policy says); one that fails is dropped,
@@ -55,7 +59,7 @@ from libc.string cimport memcmp, memcpy, memset
 from libc.stdint cimport int64_t
 from libc.stdlib cimport bsearch
 
-from fastknock._hmac cimport HmacKey, KeyRing
+from fastknock._hmac cimport HmacKey, KeyRing, auth_is, hmac_state, hmac52_x4
 from fastknock.knockd._live cimport live_free, live_has, live_init, live_insert, live_remove
 from fastknock.knockd._asked cimport (
     ASKED_SLOTS,
@@ -101,6 +105,10 @@ from fastknock._wire cimport (
     load_be32,
     store_be32,
 )
+
+cdef extern from "keccak.h":
+    void fk_sha3_256_squeeze(const uint64_t *st, unsigned char *out) nogil
+    void fk_secure_zero(void *p, size_t n) nogil
 
 import logging
 import os
@@ -350,11 +358,15 @@ cdef class Reader:
                             const sockaddr_storage *sa) noexcept nogil:
         cdef Py_ssize_t user
         cdef peer_key k
-        cdef unsigned char head[20]
-        cdef unsigned char chal[32]
-        cdef unsigned char tok[32]
+        cdef unsigned char heads[4][20]
+        cdef unsigned char chals[4][32]
+        cdef unsigned char toks[4][32]
+        cdef const hmac_state *keys[4]
+        cdef const unsigned char *hp[4]
+        cdef const unsigned char *cp[4]
+        cdef uint64_t mac[4][4]
         cdef uint32_t ops[2]
-        cdef int e, j
+        cdef int w
         cdef bint ok = False
         if load_be32(buf) != WIRE_MAGIC:
             return REASON_MAGIC
@@ -368,15 +380,26 @@ cdef class Reader:
             return REASON_RESPONSE
         ops[0] = OP_KNOCK
         ops[1] = OP_REVOKE
-        for e in range(2):  # every candidate is computed and verified: no early exit
-            for j in range(2):
-                _token_input(head, chal, ops[j], buf + 8, self.epoch - e, &k)
-                if e == 0:
-                    self.cur.sign_raw(head, chal, tok)
-                else:  # without a previous secret, prev is cur: same work, masked below
-                    self.prev.sign_raw(head, chal, tok)
-                ok |= self.ring.verify_index(user, buf + 4, tok, buf + 24) and (
-                    e == 0 or self.have_prev)
+        # Way w: the token of epoch (current - (w >> 1)) and operation ops[w & 1], under the
+        # current or previous secret (without a previous one, prev is cur: the same work,
+        # masked below); then the MAC of the RESPONSE over each token. Every candidate is
+        # computed and verified: no early exit.
+        for w in range(4):
+            _token_input(heads[w], chals[w], ops[w & 1], buf + 8, self.epoch - (w >> 1), &k)
+            keys[w] = &self.cur.st if w < 2 else &self.prev.st
+            hp[w] = heads[w]
+            cp[w] = chals[w]
+        hmac52_x4(keys, hp, cp, mac)
+        for w in range(4):
+            fk_sha3_256_squeeze(mac[w], toks[w])  # the token: as HmacKey.sign_raw writes it
+            keys[w] = self.ring.states[user]
+            hp[w] = buf + 4
+            cp[w] = toks[w]
+        hmac52_x4(keys, hp, cp, mac)
+        for w in range(4):
+            ok |= auth_is(mac[w], buf + 24) and (w < 2 or self.have_prev)
+        fk_secure_zero(toks, sizeof(toks))
+        fk_secure_zero(mac, sizeof(mac))
         return REASON_OK if ok else REASON_RESPONSE
 
     cdef bint granted(self, uint32_t user, uint32_t resource) noexcept nogil:
