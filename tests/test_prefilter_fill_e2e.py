@@ -79,11 +79,19 @@ def counters(ns: str) -> dict[str, int]:
     )
 
 
+LEGIT = 10  # datagrams the legitimate source sends per flood_is_limited
+
+
 def flood_is_limited(
     pair: netns.Pair, rx: Receiver, flooder: str, legit: str, v6: bool, floor: int = BURST
 ) -> None:
-    """``flooder`` (spoofed, fresh) sends 3,000, ``legit`` (a real client address) 20; the
-    flooder gets at least ``floor`` and at most its burst plus its rate."""
+    """``flooder`` (spoofed, fresh) sends 3,000, ``legit`` (a real client address)
+    ``LEGIT``; the flooder gets at least ``floor`` and at most its burst plus its rate. The
+    legitimate source runs twice per test on one bucket (BURST 40, RATE 1/s), and after the
+    70,000 spoofed sources its slot holds about one of them too (Poisson, 70,000 / 65,536),
+    each taking a token, and the flooder may just have used the spare allowance. So LEGIT
+    is 10, not 20: 20 and 20 left the second run short by a colliding source or two when
+    the run was faster than the refill (seen once in CI: 18 of 20)."""
     dst = pair.server_v6 if v6 else pair.server_v4
     sp = spoof.Spoofer(pair.client, socket.AF_INET6 if v6 else socket.AF_INET)
     try:
@@ -93,10 +101,10 @@ def flood_is_limited(
         elapsed = time.monotonic() - start
     finally:
         sp.close()
-    send(pair.client, legit, dst, [MSG] * 20)
+    send(pair.client, legit, dst, [MSG] * LEGIT)
     by_src, _ = rx.collect()
     assert floor <= by_src[flooder] <= BURST + RATE * (elapsed + 2), by_src[flooder]
-    assert by_src[legit] == 20
+    assert by_src[legit] == LEGIT
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
