@@ -221,36 +221,3 @@ def test_the_first_knock_after_an_idle_start_meets_live_secrets(run: Callable[[A
 
     run(main())
 
-
-def test_under_a_stream_the_reader_rests_between_wake_ups(
-    run: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Interrupt moderation (``recv.BUSY_GAP`` / ``recv.PAUSE``): a wake-up soon after the
-    previous one means a stream, and the reader then stops reading for PAUSE, so what
-    arrives meanwhile waits in the socket buffer and is read in one batch afterwards. The
-    control: with no wake-up counted as a stream, the reader never rests. The gap and the
-    pause are widened here (1 s) so the rest is visible whatever the machine's load."""
-    from fastknock.knockd import recv
-
-    async def main() -> None:
-        for stream in (False, True):
-            monkeypatch.setattr(recv, "BUSY_GAP", 10.0 if stream else 0.0)
-            monkeypatch.setattr(recv, "PAUSE", 1.0)
-            c = make_controller(FakeFirewall(), policy=ErrorPolicy.BASIC_AUTH)
-            proto, port = await batched_udp_server(c)
-            assert isinstance(proto, BatchedUdp)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                for n in (1, 2):  # two wake-ups: the second one is "soon" if stream
-                    s.sendto(os.urandom(56), ("127.0.0.1", port))
-                    await tc.until(lambda n=n, c=c: c.counters[Count.RECEIVED] == n)
-                assert (proto._resume_timer is not None) == stream
-                s.sendto(os.urandom(56), ("127.0.0.1", port))
-                await asyncio.sleep(0.1)
-                # resting: the third datagram waits in the socket; else it is read at once
-                assert c.counters[Count.RECEIVED] == (2 if stream else 3)
-                await tc.until(lambda c=c: c.counters[Count.RECEIVED] == 3)
-            proto.close()  # (while resting: the resume timer goes too)
-            assert proto._resume_timer is None
-        await asyncio.get_running_loop().shutdown_default_executor()
-
-    run(main())

@@ -26,9 +26,9 @@
  *
  * drain: a dual-stack UDP socket on --port drained with recvmmsg (64 per call, blocking
  * for the first): the receive capacity reference. Prints "received=N seconds=T".
- * With --pause-us U it moderates as fastknockd's batched path does (knockd/recv.py): a
- * call that returned less than a full batch within 1 ms of the previous one is followed by
- * a sleep of U microseconds: the like-for-like reference for a moderated reader.
+ * With --pause-us U it rests about as fastknockd's batched reader does (knockd/_recv.pyx,
+ * "The rest"): a call that returned less than a full batch within 1 ms of the previous
+ * one is followed by a sleep of U microseconds: the like-for-like reference.
  *
  * Only ever run inside the benchmark's own network namespaces (bench/flood/run.py).
  */

@@ -588,12 +588,12 @@ QUIET = "batched, no knocks"  # the batched path's rows of the CPU rounds
 
 def cpu_rounds(bench: Bench, modes: Sequence[str], rounds: int) -> list[Row]:
     """The CPU comparison: ``rounds`` rounds, each every mode on the bare C drain, on the
-    C drain that rests as the batched path does (``recv.PAUSE``), and on the batched path
+    C drain that rests as the batched path does (``recv.REST_US``), and on the batched path
     (1 worker), with no legitimate knocks in any (so that all do the same work: read the
     flood), in rotating order, so that the machine's drift falls on all alike."""
     rows = []
     order = ("batched", "drain", "moderated")
-    pause_us = round(recv.PAUSE * 1e6)
+    pause_us = recv.REST_US
     for r in range(rounds):
         for which in order[r % 3 :] + order[: r % 3]:
             if which == "batched":

@@ -24,6 +24,9 @@ cdef class Reader:
     cdef bint pass_rejects
     cdef object handler  # handler(data: bytes, key: bytes, addr: tuple) -> None
     cdef int budget  # recvmmsg calls per drain()
+    cdef int64_t rest_ns  # the rest under a stream (module docstring); 0: never
+    cdef int64_t gap_ns  # a drain this soon after the last one's end is in a stream
+    cdef int64_t last_end  # CLOCK_MONOTONIC ns at the end of the last drain()
 
     # Stateless challenges (fastknock.knockd.challenges): the current and previous epoch
     # secrets, and the (user << 32 | resource) pairs that pass server rule 3, sorted.

@@ -21,6 +21,9 @@ Design
   handed up.
 * ``drain`` reads at most ``budget * 64`` datagrams per call, like the C reader's
   ``budget`` recvmmsg batches, so a flood cannot starve the event loop.
+* The rest (``rest_us``, off by default; the C reader's design notes say why): a drain
+  that starts within ``busy_gap_us`` of the previous one's end and has emptied the socket
+  without handing anything up sleeps ``rest_us`` once and reads what came meanwhile.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 
 from fastknock.knockd.asked import AskedPeers
@@ -60,6 +64,7 @@ COUNTERS: tuple[str, ...] = (
 _MAGIC = MAGIC.to_bytes(4, "big")
 _RESPONSE = Operation.RESPONSE.to_bytes(4, "big")
 BATCH = 64
+MAX_REST_US = 1_000_000  # rest_us and busy_gap_us: at most a second
 _READ_SIZE = 64  # > 56: a datagram read whole as 56 bytes is exactly 56 bytes long
 _REASON_FIELD = {
     Reason.SIZE: "size",
@@ -83,11 +88,18 @@ class Reader:
         allowed_ops: int = 0x21,
         budget: int = 16,
         cap_seed: bytes | None = None,
+        rest_us: int = 0,
+        busy_gap_us: int = 1000,
     ) -> None:
         if sock.fileno() < 0:
             raise ValueError("socket is closed")
         if budget < 1:
             raise ValueError("budget must be at least 1")
+        if not 0 <= rest_us <= MAX_REST_US or not 0 <= busy_gap_us <= MAX_REST_US:
+            raise ValueError(f"rest_us and busy_gap_us are 0..{MAX_REST_US}")
+        self._rest_ns = rest_us * 1000
+        self._gap_ns = busy_gap_us * 1000
+        self._last_end = -(1 << 62)
         if keyring is None:
             raise TypeError("keyring must not be None")
         self._sock = sock
@@ -144,6 +156,8 @@ class Reader:
         live = self._live
         check = self._ring.check  # type: ignore[attr-defined]
         total = 0
+        rest = self._rest_ns and time.monotonic_ns() - self._last_end < self._gap_ns
+        handed = counts["handed_up"]
         for _ in range(self._budget):
             got = 0
             while got < BATCH:
@@ -181,7 +195,12 @@ class Reader:
                 counts["batches"] += 1
             total += got
             if got < BATCH:
+                if rest and got and counts["handed_up"] == handed:
+                    rest = False
+                    time.sleep(self._rest_ns / 1e9)
+                    continue
                 break
+        self._last_end = time.monotonic_ns()
         return total
 
     def _decide(self, data: bytes, key: bytes, addr: tuple, check: object) -> str | None:

@@ -27,18 +27,10 @@ Design
   merging after every drain cost about 1 us per wake-up, which under a flood of small
   batches was a fifth of the path's cost over a bare C drain. The counters only report
   (metrics, stats log); nothing decides on them.
-* Interrupt moderation, as NAPI does in the kernel: poll while busy, wait for the event
-  when idle. Flood datagrams arrive microseconds apart, and a reader woken for each read
-  one or two at a time; the wake-up (``epoll_wait``, the loop's callback, ``recvmmsg``)
-  cost 2-3 us, several times the C checks of a datagram, on this path and on a bare
-  blocking ``recvmmsg`` drain alike (bench/flood). So a wake-up within ``BUSY_GAP`` (1 ms)
-  of the previous one, whose drain emptied the socket, stops reading for ``PAUSE`` (1 ms,
-  one loop timer tick): what arrives meanwhile waits in the socket buffer (4 MB, thousands
-  of datagrams) and is read 64 at a time. A drain that filled its budget left more to
-  read: no rest then, so the moderation never caps the rate the reader can take. An idle
-  server never rests (a lone KNOCK, its RESPONSE a round trip later: each read at once);
-  under a stream a datagram waits about PAUSE at most, plus the loop's timer granularity
-  (the legit knocks' latency under the floods: bench/flood/README.md).
+* Interrupt moderation, as NAPI does in the kernel (poll while busy, wait for the event
+  when idle): under a stream of rejects the reader rests ``REST_US`` (200 us) once per
+  wake-up before it reads again, instead of coming back to the loop for every datagram or
+  two (``_recv.pyx``, "The rest"). It never rests when idle or after a hand-up.
 * ``open_udp(controller, sock, path)`` starts either path on a bound socket; ``server.py``
   and the tests use it, so the same tests run against both. A reload reconfigures the
   reader through ``Controller.on_reload`` (no per-drain check).
@@ -74,8 +66,7 @@ PATHS: tuple[UdpPath, ...] = ("batched", "protocol")
 
 _MERGE = tuple(READER_FIELDS[name] for name in COUNTERS)
 MERGE_DELAY = 0.001  # seconds: how stale the reader's counters in the endpoint's may get
-BUSY_GAP = 0.001  # seconds: a wake-up this soon after the last one means a stream
-PAUSE = 0.001  # seconds the reader rests after a wake-up in a stream (one loop timer tick)
+REST_US = 200  # the reader's rest under a stream (Reader rest_us; _recv.pyx says why)
 
 
 class BatchedUdp:
@@ -96,6 +87,7 @@ class BatchedUdp:
             pass_rejects=self._pass_rejects(endpoint.settings),
             allowed_ops=FIRST_OPS,
             budget=budget,
+            rest_us=REST_US,
         )
         self._reconfigure(endpoint.settings)
         # The reader answers KNOCKs with the challenger's secrets: start it on the current
@@ -110,9 +102,6 @@ class BatchedUdp:
         self._reading = True
         self._merge_timer: asyncio.TimerHandle | None = None
         self._handed = False
-        self._last_wake = float("-inf")
-        self._full = budget * 64  # a drain that read this many left more: never rest then
-        self._resume_timer: asyncio.TimerHandle | None = None
         self._loop.add_reader(self._fd, self._readable)
 
     @staticmethod
@@ -137,25 +126,14 @@ class BatchedUdp:
         self.c.endpoint.receive_datagram(data, key, addr, time.monotonic())
 
     def _readable(self) -> None:
-        read = self._full
         try:
-            read = self.reader.drain()
+            self.reader.drain()
         finally:
             if self._merge_timer is None:
                 self._merge_timer = self._loop.call_later(MERGE_DELAY, self._merge_due)
             if self._handed:  # only a datagram handed up can have made actions or timers
                 self._handed = False
                 self.c.flush()
-            now = time.monotonic()
-            if read < self._full and now - self._last_wake < BUSY_GAP and self._reading:
-                self._loop.remove_reader(self._fd)
-                self._resume_timer = self._loop.call_later(PAUSE, self._resume)
-            self._last_wake = now
-
-    def _resume(self) -> None:
-        self._resume_timer = None
-        if self._reading:
-            self._loop.add_reader(self._fd, self._readable)
 
     def _merge_due(self) -> None:
         self._merge_timer = None
@@ -182,9 +160,6 @@ class BatchedUdp:
         if self._reading:
             self._reading = False
             self._loop.remove_reader(self._fd)
-            if self._resume_timer is not None:
-                self._resume_timer.cancel()
-                self._resume_timer = None
             if self._merge_timer is not None:
                 self._merge_timer.cancel()
                 self._merge_timer = None
