@@ -65,4 +65,4 @@ dist:
 	$(PY) scripts/check_dist.py dist
 
 clean:
-	rm -rf build dist *.egg-info fastknock/*.so fastknock/*/*.so fastknock/_wire.c fastknock/_hmac.c fastknock/knockd/_recv.c
+	rm -rf build dist *.egg-info fastknock/*.so fastknock/*/*.so fastknock/_wire.c fastknock/_hmac.c fastknock/knockd/_recv.c fastknock/knockd/_decide.c

@@ -1,8 +1,8 @@
 """Build the Cython hot paths. FASTKNOCK_NO_EXTENSIONS=1 skips them (pure Python only);
 FASTKNOCK_CYTHON_TRACE=1 builds with line tracing for coverage/profiling (``make debug``).
 
-``_wire`` and ``_hmac`` (shared by client and server) build everywhere; ``knockd._recv``
-(recvmmsg, fastknockd only) needs Linux and is built only there. Without an extension the
+``_wire`` and ``_hmac`` (shared by client and server) build everywhere; ``knockd._recv`` and
+``knockd._decide`` (recvmmsg, fastknockd only) need Linux and are built only there. Without an extension the
 pure-Python reference beside it is used, so the client installs and runs on any platform:
 outside Linux a failed compile (no compiler) is a warning, not an error. On Linux it is an
 error (and tests/test_extensions.py fails if an extension silently fell back).
@@ -25,6 +25,7 @@ if os.environ.get("FASTKNOCK_NO_EXTENSIONS") != "1":
     linux = sys.platform.startswith("linux")
     sources = {"fastknock._wire": "fastknock/_wire.pyx", "fastknock._hmac": "fastknock/_hmac.pyx"}
     if linux:
+        sources["fastknock.knockd._decide"] = "fastknock/knockd/_decide.pyx"
         sources["fastknock.knockd._recv"] = "fastknock/knockd/_recv.pyx"
     ext_modules = cythonize(
         [

@@ -24,7 +24,7 @@ NO_EXTENSIONS = _ext.disabled()
 
 
 @pytest.mark.skipif(NO_EXTENSIONS, reason="FASTKNOCK_NO_EXTENSIONS=1")
-@pytest.mark.parametrize("name", ["fastknock._wire", "fastknock._hmac"])
+@pytest.mark.parametrize("name", ["fastknock._wire", "fastknock._hmac", "fastknock.knockd._decide"])
 def test_extension_is_compiled(name: str) -> None:
     module = importlib.import_module(name)
     assert module.__file__ is not None

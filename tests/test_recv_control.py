@@ -221,3 +221,33 @@ def test_the_first_knock_after_an_idle_start_meets_live_secrets(run: Callable[[A
 
     run(main())
 
+
+def test_the_reader_may_rest_only_while_the_controller_is_quiet(
+    run: Callable[[Any], Any],
+) -> None:
+    """``Controller.quiet`` (what the batched path passes as ``drain(may_rest)``): false
+    while a firewall request is in flight or a TCP connection is open, true again after."""
+
+    async def main() -> None:
+        fw = FakeFirewall(delay=0.5)
+        c = make_controller(fw, policy=ErrorPolicy.BASIC_AUTH)
+        proto, port = await batched_udp_server(c)
+        assert c.quiet
+        knock = asyncio.ensure_future(tc_knock(port, udp=True, timeout=5.0))
+        await tc.until(lambda: bool(fw.requests))
+        assert not c.quiet  # the firewall request is in flight
+        await knock
+        await tc.until(lambda: c.quiet)
+        assert c.quiet and c.counters[Count.KNOCKED] == 1
+        tcp, tcp_port = await tc.tcp_server(c)
+        _, writer = await asyncio.open_connection("127.0.0.1", tcp_port)
+        await tc.until(lambda: not c.quiet)
+        assert not c.quiet  # a TCP connection is open
+        writer.close()
+        await tc.until(lambda: c.quiet)
+        assert c.quiet
+        tcp.close()
+        proto.close()
+        await asyncio.get_running_loop().shutdown_default_executor()
+
+    run(main())

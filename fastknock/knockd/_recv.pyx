@@ -7,40 +7,13 @@ Design
   ``recvmmsg`` call (non-blocking) fills up to 64 fixed 64-byte slots; at most ``budget``
   calls per ``drain()``, so that under a flood the loop still gets to its timers and the
   firewall replies between batches (the fd is level-triggered: the loop calls back).
-* Each batch is decided in C with the GIL released, in order and cheapest first, exactly
-  as the ``DatagramProtocol`` path (``control.UdpControl``) would decide:
-  1. ``msg_len != 56`` -> drop (REASON_SIZE); a slot is bigger than 56 bytes, so 56
-     means exactly 56.
-  2. The peer (address, port) has a live session -> hand up (RESPONSEs, retransmits).
-  3. ``pass_rejects`` (policy ``always`` sends GOAWAYs, or debug logging wants one line
-     per reject): hand up; Python checks and answers everything itself.
-  4. A RESPONSE (from a peer without a session): magic, known user, a peer this reader
-     answered in this or the previous epoch (``asked.py``, C in ``_asked.pxd``; else no
-     token can match), then the stateless token check of ``fastknock.knockd.challenges``
-     -- the four candidate tokens (current and previous epoch secret x KNOCK and REVOKE),
-     each verified, no early exit, as the four ways of two ``hmac52_x4`` calls (AVX2,
-     ``keccak4.h``). A match -> hand up (Python re-checks it and spends the token); else
-     drop (REASON_RESPONSE).
-  5. With secrets set, the KNOCK answer cap (``replaycap.py``, C in ``_replay.pxd``): a
-     KNOCK already answered for enough other peers in this epoch is dropped before any
-     MAC (REASON_CAPPED): a replay from many addresses costs a lookup.
-  6. Else the fused check of ``KeyRing.check_index`` (size, magic, operation, user, MAC
-     over the zero challenge, ``_hmac.pxd``), its MAC computed together with up to three
-     later datagrams of the batch that will need one (``macs_from``: four ways of one
-     AVX2 permutation; a verdict computed ahead depends on the key ring alone, so it stays
-     right whatever the datagrams before it change). A KNOCK/REVOKE that passes is
-     recorded in the cap and its peer among the asked ones, and if its (user, resource)
-     passes rule 3 (the ``grants`` the endpoint computed) it is
-     answered here: its computed CHALLENGE goes out with one ``sendmmsg`` per batch, and no
-     Python object is made (VERDICT_CHALLENGED). One that passes without a grant is handed
-     up (Python refuses it and answers as the policy says); one that fails is dropped,
-     counted by reason.
-  The decisions stop at each datagram Python must see; the handler runs (it may start or
-  end a session, or rotate the secrets), then the rest of the batch is decided, so every
-  datagram meets the state the one-by-one path would show it.
-  Only handed-up datagrams become Python objects: ``handler(bytes, key, addr)`` with the
-  18-byte peer key of ``fastknock.knockd.peer`` and ``addr`` shaped like the socket
-  module's (``(host, port)`` or ``(host, port, flow, scope)``), to reply to.
+* ``Reader`` derives from ``_decide.Decider``, where each batch is decided in C with the
+  GIL released, in order, exactly as the ``DatagramProtocol`` path would (its docstring
+  has the rules). The decisions stop at each datagram Python must see; ``drain`` hands it
+  up (``handler(bytes, key, addr)``, the 18-byte peer key of ``fastknock.knockd.peer`` and
+  ``addr`` shaped like the socket module's), then the rest of the batch is decided, so
+  every datagram meets the state the one-by-one path would show it. Only handed-up
+  datagrams become Python objects.
 * The rest (``rest_us``; fastknockd sets 200 us, ``recv.REST_US``). Under a flood the
   datagrams come microseconds apart, and a reader woken for each reads one or two: the
   wake-up (``epoll_wait``, the loop's callback, ``recvmmsg``) costs 2-3 us, several times
@@ -50,11 +23,14 @@ Design
   GIL released) and reads what came meanwhile: one wake-up per ~40 datagrams at 200,000/s
   instead of one per two. Bounded: once per drain, never after a hand-up (Python has work
   to do: its replies and the firewall request go out at once), never when idle (the
-  first datagram after a quiet spell is read at once), so a datagram waits at most
-  ``rest_us`` longer, and the loop is held at most ``rest_us`` more per wake-up, only
-  under a stream. (Resting in the loop instead, by dropping the reader for a 1 ms timer,
-  cut the CPU alike but cost the legit knocks 2-3 ms at p50: libuv's timers are in
-  milliseconds.)
+  first datagram after a quiet spell is read at once), and never when the caller says
+  the loop has other work waiting (``drain(may_rest=False)``: the glue passes
+  ``Controller.quiet``, no firewall request in flight and no TCP connection open). A
+  resting drain holds the loop, and a firewall exchange takes about ten loop turns: with
+  the rest on regardless, each turn cost a rest and the legit knocks 4-5 ms at p50
+  (bench/flood). So a datagram waits at most ``rest_us`` longer, only under a stream.
+  (Resting in the loop instead, by dropping the reader for a 1 ms timer, cut the CPU
+  alike but cost the knocks 2-3 ms at p50: libuv's timers are in milliseconds.)
 * "Live session" is a C hash set of raw peer keys (``_live.pxd``), kept by the endpoint:
   ``track(key)`` when a UDP session starts, ``untrack(key)`` when it ends (synchronously,
   from inside the handler). So it holds exactly the live sessions, bounded by the session
@@ -67,63 +43,32 @@ cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from libc.errno cimport EAGAIN, EINTR, errno
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcmp, memcpy, memset
-
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.string cimport memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
-from libc.stdlib cimport bsearch
 
-from fastknock._hmac cimport HmacKey, KeyRing, auth_is, hmac_state, hmac52_x4
-from fastknock.knockd._live cimport live_free, live_has, live_init, live_insert, live_remove
-from fastknock.knockd._asked cimport (
-    ASKED_SLOTS,
-    asked_add,
-    asked_admits,
-    asked_forget,
-    asked_rotate,
-    asked_slot,
+from fastknock._hmac cimport HmacKey, KeyRing
+from fastknock._wire cimport WIRE_MSG_SIZE
+from fastknock.knockd._asked cimport ASKED_SLOTS, asked_forget, asked_rotate, asked_slot
+from fastknock.knockd._decide cimport (
+    RECV_BATCH,
+    RECV_SLOT,
+    REASON_CAPPED,
+    Decider,
 )
-from fastknock.knockd._replay cimport (
-    CAP_SETS,
-    CAP_WAYS,
-    _le64,
-    cap_entry,
-    cap_find,
-    cap_record,
-    cap_refuses,
-)
+from fastknock.knockd._live cimport live_free, live_init, live_insert, live_remove
 from fastknock.knockd._net cimport (
-    AF_INET,
-    AF_INET6,
     KEY_SIZE,
     MSG_DONTWAIT,
-    _cmp_u64,
     _key_from_bytes,
     _key_of,
     _py_addr,
-    _token_input,
     peer_key,
     recvmmsg,
-    sendmmsg,
     sockaddr_storage,
 )
-from fastknock._wire cimport (
-    frame_reason,
-    REASON_MAC,
-    REASON_MAGIC,
-    REASON_OK,
-    REASON_SIZE,
-    REASON_UNKNOWN_USER,
-    WIRE_MAGIC,
-    WIRE_MSG_SIZE,
-    load_be32,
-    store_be32,
-)
+from fastknock.knockd._replay cimport CAP_SETS, CAP_WAYS, _le64, cap_entry
 
-cdef extern from "keccak.h":
-    void fk_sha3_256_squeeze(const uint64_t *st, unsigned char *out) nogil
-    void fk_secure_zero(void *p, size_t n) nogil
 
 cdef inline int64_t _now_ns() noexcept nogil:
     cdef timespec t
@@ -148,15 +93,11 @@ COUNTERS = (
 
 cdef enum:
     MAX_REST_US = 1000000  # rest_us and busy_gap_us: at most a second
-    OP_KNOCK = 0
-    OP_CHALLENGE = 1
-    OP_RESPONSE = 2
-    OP_REVOKE = 5
 
 
 @cython.auto_pickle(False)
 @cython.final
-cdef class Reader:
+cdef class Reader(Decider):
     """Drains a non-blocking UDP socket in batches; see the module docstring."""
 
     def __cinit__(self, sock, KeyRing keyring not None, handler, *,
@@ -275,195 +216,6 @@ cdef class Reader:
         _key_from_bytes(key, &k)
         live_remove(&self.live, &k)
 
-    # -- the hot path --
-
-    cdef int decide(self, int start, int n) noexcept nogil:
-        """Decide datagrams start..n-1 in order, counting the drops, up to the first one
-        Python must see: its index, or n."""
-        cdef int i, v
-        for i in range(start, n):
-            if self.msgs[i].msg_len != WIRE_MSG_SIZE:
-                v = REASON_SIZE
-            elif self.live.used and live_has(&self.live, &self.names[i]):
-                self.live_hits += 1
-                return i
-            else:
-                v = self.first_verdict(i)
-                if v == REASON_OK:
-                    return i
-            if v != VERDICT_CHALLENGED:
-                self.dropped += 1
-                self.reasons[v] += 1
-        return n
-
-    cdef int first_verdict(self, int i) noexcept nogil:
-        """The verdict on 56-byte datagram i from a peer without a session (steps 3-6)."""
-        cdef int reason
-        cdef Py_ssize_t index
-        cdef const unsigned char *buf = self.bufs[i]
-        cdef peer_key k
-        cdef cap_entry *e = NULL
-        if self.pass_rejects:  # Python answers rejections too: it checks them itself
-            return REASON_OK
-        if load_be32(buf + 4) == OP_RESPONSE:
-            return self.check_response(buf, &self.names[i])
-        _key_of(&self.names[i], &k)
-        if self.have_cur:
-            e = cap_find(&self.caps, buf + 24, self.epoch)
-            if cap_refuses(e, <const uint8_t *>&k):
-                return REASON_CAPPED
-        reason = frame_reason(buf, WIRE_MSG_SIZE, self.allowed_ops)
-        if reason != REASON_OK:
-            return reason
-        index = self.ring.index(load_be32(buf + 8))
-        if index < 0:
-            return REASON_UNKNOWN_USER
-        if not (self.mac_known >> i) & 1:
-            self.macs_from(i, index)
-        if not (self.mac_ok >> i) & 1:
-            return REASON_MAC
-        if not self.have_cur:
-            return reason
-        cap_record(&self.caps, e, buf + 24, <const uint8_t *>&k, self.epoch)
-        asked_add(&self.asked, <const uint8_t *>&k)
-        if self.granted(load_be32(buf + 8), load_be32(buf + 12)):
-            self.challenge(i, &k)
-            return VERDICT_CHALLENGED
-        return reason
-
-    cdef bint mac_candidate(self, int j, Py_ssize_t *index) noexcept nogil:
-        """Whether datagram j of the batch will need its MAC if nothing changes before it is
-        decided (steps 1-6 up to the MAC, as first_verdict); its user's index."""
-        cdef const unsigned char *buf = self.bufs[j]
-        cdef peer_key k
-        if (self.msgs[j].msg_len != WIRE_MSG_SIZE or (self.mac_known >> j) & 1
-                or load_be32(buf + 4) == OP_RESPONSE
-                or frame_reason(buf, WIRE_MSG_SIZE, self.allowed_ops) != REASON_OK):
-            return False
-        if self.live.used and live_has(&self.live, &self.names[j]):
-            return False
-        index[0] = self.ring.index(load_be32(buf + 8))
-        if index[0] < 0:
-            return False
-        if self.have_cur:
-            _key_of(&self.names[j], &k)
-            return not cap_refuses(cap_find(&self.caps, buf + 24, self.epoch),
-                                   <const uint8_t *>&k)
-        return True
-
-    cdef void macs_from(self, int i, Py_ssize_t index) noexcept nogil:
-        """The MAC verdicts of datagram i (past the frame checks, its user at index) and of
-        up to three later datagrams of the batch that are candidates (mac_candidate), in
-        one KeyRing.verify_knocks: four MACs for about the price of one and a half. A
-        verdict computed ahead stays right whatever the datagrams before it change (the MAC
-        depends on the key ring alone, and configure() forgets the verdicts); one that is
-        not needed in the end (the peer got a session, the cap filled) is unused."""
-        cdef Py_ssize_t idx[4]
-        cdef const unsigned char *data[4]
-        cdef int slot[4]
-        cdef bint ok[4]
-        cdef int n = 1, j
-        idx[0] = index
-        data[0] = self.bufs[i]
-        slot[0] = i
-        j = i + 1
-        while n < 4 and j < self.nread:
-            if self.mac_candidate(j, &idx[n]):
-                data[n] = self.bufs[j]
-                slot[n] = j
-                n += 1
-            j += 1
-        self.ring.verify_knocks(n, idx, data, ok)
-        for j in range(n):
-            self.mac_known |= (<uint64_t>1) << slot[j]
-            if ok[j]:
-                self.mac_ok |= (<uint64_t>1) << slot[j]
-            else:
-                self.mac_ok &= ~((<uint64_t>1) << slot[j])
-
-    cdef int check_response(self, const unsigned char *buf,
-                            const sockaddr_storage *sa) noexcept nogil:
-        cdef Py_ssize_t user
-        cdef peer_key k
-        cdef unsigned char heads[4][20]
-        cdef unsigned char chals[4][32]
-        cdef unsigned char toks[4][32]
-        cdef const hmac_state *keys[4]
-        cdef const unsigned char *hp[4]
-        cdef const unsigned char *cp[4]
-        cdef uint64_t mac[4][4]
-        cdef uint32_t ops[2]
-        cdef int w
-        cdef bint ok = False
-        if load_be32(buf) != WIRE_MAGIC:
-            return REASON_MAGIC
-        user = self.ring.index(load_be32(buf + 8))
-        if user < 0:
-            return REASON_UNKNOWN_USER
-        if not self.have_cur:
-            return REASON_RESPONSE
-        _key_of(sa, &k)
-        if not asked_admits(&self.asked, <const uint8_t *>&k):  # no token went to this peer
-            return REASON_RESPONSE
-        ops[0] = OP_KNOCK
-        ops[1] = OP_REVOKE
-        # Way w: the token of epoch (current - (w >> 1)) and operation ops[w & 1], under the
-        # current or previous secret (without a previous one, prev is cur: the same work,
-        # masked below); then the MAC of the RESPONSE over each token. Every candidate is
-        # computed and verified: no early exit.
-        for w in range(4):
-            _token_input(heads[w], chals[w], ops[w & 1], buf + 8, self.epoch - (w >> 1), &k)
-            keys[w] = &self.cur.st if w < 2 else &self.prev.st
-            hp[w] = heads[w]
-            cp[w] = chals[w]
-        hmac52_x4(keys, hp, cp, mac)
-        for w in range(4):
-            fk_sha3_256_squeeze(mac[w], toks[w])  # the token: as HmacKey.sign_raw writes it
-            keys[w] = self.ring.states[user]
-            hp[w] = buf + 4
-            cp[w] = toks[w]
-        hmac52_x4(keys, hp, cp, mac)
-        for w in range(4):
-            ok |= auth_is(mac[w], buf + 24) and (w < 2 or self.have_prev)
-        fk_secure_zero(toks, sizeof(toks))
-        fk_secure_zero(mac, sizeof(mac))
-        return REASON_OK if ok else REASON_RESPONSE
-
-    cdef bint granted(self, uint32_t user, uint32_t resource) noexcept nogil:
-        cdef unsigned long long want = ((<unsigned long long>user) << 32) | resource
-        return bsearch(&want, self.grants, self.ngrants, sizeof(unsigned long long),
-                       _cmp_u64) != NULL
-
-    cdef void challenge(self, int i, const peer_key *k) noexcept nogil:
-        """Queue the computed CHALLENGE for datagram i (a KNOCK/REVOKE that passed) from
-        the peer ``k``."""
-        cdef const unsigned char *buf = self.bufs[i]
-        cdef unsigned char *out = self.out_bufs[self.nout]
-        cdef unsigned char head[20]
-        cdef unsigned char chal[32]
-        _token_input(head, chal, load_be32(buf + 4), buf + 8, self.epoch, k)
-        self.cur.sign_raw(head, chal, out + 24)  # the token is the AUTH field
-        store_be32(out, WIRE_MAGIC)
-        store_be32(out + 4, OP_CHALLENGE)
-        memcpy(out + 8, buf + 8, 8)  # USER || RESOURCE
-        memcpy(out + 16, out + 24, 8)  # SALT = token[:8]
-        self.out_msgs[self.nout].msg_hdr.msg_name = &self.names[i]
-        self.out_msgs[self.nout].msg_hdr.msg_namelen = self.msgs[i].msg_hdr.msg_namelen
-        self.nout += 1
-        self.challenged += 1
-
-    cdef void send_challenges(self) noexcept nogil:
-        cdef int done = 0, sent
-        while done < self.nout:
-            sent = sendmmsg(self.fd, &self.out_msgs[done], self.nout - done, MSG_DONTWAIT)
-            if sent < 0:
-                if errno == EINTR:
-                    continue
-                self.send_dropped += self.nout - done  # full send buffer: clients retry
-                break
-            done += sent
-        self.nout = 0
-
     cdef int hand_up(self, int i) except -1:
         cdef peer_key k
         _key_of(&self.names[i], &k)
@@ -478,13 +230,14 @@ cdef class Reader:
             log.exception("UDP datagram handler failed")
         return 0
 
-    def drain(self):
+    def drain(self, bint may_rest=True):
         """Read until the socket is empty or ``budget`` batches are done. Returns the number
-        of datagrams read."""
+        of datagrams read. ``may_rest``: the caller has nothing waiting on a prompt return
+        (the rest, module docstring)."""
         cdef int n = 0, i = 0, call, err
         cdef Py_ssize_t total = 0
         cdef int fd = self.fd
-        cdef bint rest = self.rest_ns and _now_ns() - self.last_end < self.gap_ns
+        cdef bint rest = may_rest and self.rest_ns and _now_ns() - self.last_end < self.gap_ns
         cdef uint64_t handed = self.handed
         cdef timespec pause
         pause.tv_sec = self.rest_ns // 1000000000

@@ -23,7 +23,8 @@ Design
   ``budget`` recvmmsg batches, so a flood cannot starve the event loop.
 * The rest (``rest_us``, off by default; the C reader's design notes say why): a drain
   that starts within ``busy_gap_us`` of the previous one's end and has emptied the socket
-  without handing anything up sleeps ``rest_us`` once and reads what came meanwhile.
+  without handing anything up sleeps ``rest_us`` once and reads what came meanwhile;
+  never with ``drain(may_rest=False)``.
 """
 
 from __future__ import annotations
@@ -151,12 +152,12 @@ class Reader:
     def untrack(self, key: bytes) -> None:
         self._live.discard(key)
 
-    def drain(self) -> int:
+    def drain(self, may_rest: bool = True) -> int:
         counts = self._counts
         live = self._live
         check = self._ring.check  # type: ignore[attr-defined]
         total = 0
-        rest = self._rest_ns and time.monotonic_ns() - self._last_end < self._gap_ns
+        rest = may_rest and self._rest_ns and time.monotonic_ns() - self._last_end < self._gap_ns
         handed = counts["handed_up"]
         for _ in range(self._budget):
             got = 0

@@ -125,6 +125,12 @@ class Controller:
         self.endpoint.firewall_done(action.ticket, ok, time.monotonic())
         self.flush()
 
+    @property
+    def quiet(self) -> bool:
+        """No firewall request in flight and no TCP connection open: nothing in the loop
+        waits on a prompt turn, so the batched UDP reader may rest (``_recv.pyx``)."""
+        return not self._tasks and not self._streams
+
     def spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)

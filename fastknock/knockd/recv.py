@@ -30,7 +30,9 @@ Design
 * Interrupt moderation, as NAPI does in the kernel (poll while busy, wait for the event
   when idle): under a stream of rejects the reader rests ``REST_US`` (200 us) once per
   wake-up before it reads again, instead of coming back to the loop for every datagram or
-  two (``_recv.pyx``, "The rest"). It never rests when idle or after a hand-up.
+  two (``_recv.pyx``, "The rest"). It never rests when idle, after a hand-up, or while
+  the loop has other work waiting (``Controller.quiet``: a firewall exchange takes about
+  ten loop turns, and a resting drain holds the loop).
 * ``open_udp(controller, sock, path)`` starts either path on a bound socket; ``server.py``
   and the tests use it, so the same tests run against both. A reload reconfigures the
   reader through ``Controller.on_reload`` (no per-drain check).
@@ -127,7 +129,7 @@ class BatchedUdp:
 
     def _readable(self) -> None:
         try:
-            self.reader.drain()
+            self.reader.drain(self.c.quiet)
         finally:
             if self._merge_timer is None:
                 self._merge_timer = self._loop.call_later(MERGE_DELAY, self._merge_due)
