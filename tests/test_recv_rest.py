@@ -83,6 +83,35 @@ def test_no_rest_after_a_hand_up_or_when_idle(impl: SimpleNamespace, server: soc
 
 
 def test_rest_arguments_are_checked(impl: SimpleNamespace, server: socket.socket) -> None:
-    for bad in ({"rest_us": -1}, {"rest_us": SECOND_US + 1}, {"busy_gap_us": -1}):
+    for bad in ({"rest_us": -1}, {"rest_us": SECOND_US + 1}, {"busy_gap_us": -1}, {"talk_us": -1}):
         with pytest.raises((ValueError, OverflowError)):
             make(impl, server, **bad)
+
+
+@pytest.mark.parametrize("talk", [True, False], ids=["talking", "control"])
+def test_no_rest_for_talk_us_after_a_hand_up(
+    impl: SimpleNamespace, server: socket.socket, talk: bool
+) -> None:
+    """After a drain that handed something up (or answered a KNOCK), the next drains do not
+    rest for ``talk_us``: the client's next datagram is due a round trip later. A wrong
+    size is dropped even with pass_rejects, so the second drain sees only a reject."""
+    reader, rec, _ = make(
+        impl,
+        server,
+        rest_us=SECOND_US,
+        busy_gap_us=SECOND_US,
+        talk_us=SECOND_US if talk else 0,
+        pass_rejects=True,
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        c.sendto(junk(), dest(server))
+        assert reader.drain() == 1  # type: ignore[attr-defined]  # handed up
+        c.sendto(b"\x00" * 40, dest(server))
+        t = threading.Timer(0.05, lambda: c.sendto(b"\x00" * 40, dest(server)))
+        t.start()
+        assert reader.drain() == (1 if talk else 2)  # type: ignore[attr-defined]
+        t.join()
+        if talk:
+            select.select([server], [], [], 5)
+            assert reader.drain() == 1  # type: ignore[attr-defined]
+    assert len(rec.got) == 1

@@ -22,7 +22,9 @@ Design
   and has emptied the socket without handing anything up sleeps ``rest_us`` once (the
   GIL released) and reads what came meanwhile: one wake-up per ~40 datagrams at 200,000/s
   instead of one per two. Bounded: once per drain, never after a hand-up (Python has work
-  to do: its replies and the firewall request go out at once), never when idle (the
+  to do: its replies and the firewall request go out at once) or a CHALLENGE sent, nor
+  for ``talk_us`` (fastknockd: 5 ms) after one (its RESPONSE is due a round trip later,
+  and must not wait on a rest; a flood of rejects makes neither), never when idle (the
   first datagram after a quiet spell is read at once), and never when the caller says
   the loop has other work waiting (``drain(may_rest=False)``: the glue passes
   ``Controller.quiet``, no firewall request in flight and no TCP connection open). A
@@ -102,7 +104,8 @@ cdef class Reader(Decider):
 
     def __cinit__(self, sock, KeyRing keyring not None, handler, *,
                   bint pass_rejects=False, unsigned int allowed_ops=0x21, int budget=16,
-                  bytes cap_seed=None, long rest_us=0, long busy_gap_us=1000):
+                  bytes cap_seed=None, long rest_us=0, long busy_gap_us=1000,
+                  long talk_us=0):
         cdef int i
         if cap_seed is None:
             cap_seed = os.urandom(16)
@@ -113,11 +116,12 @@ cdef class Reader(Decider):
             raise ValueError("socket is closed")
         if budget < 1:
             raise ValueError("budget must be at least 1")
-        if not 0 <= rest_us <= MAX_REST_US or not 0 <= busy_gap_us <= MAX_REST_US:
-            raise ValueError(f"rest_us and busy_gap_us are 0..{MAX_REST_US}")
+        if not all(0 <= t <= MAX_REST_US for t in (rest_us, busy_gap_us, talk_us)):
+            raise ValueError(f"rest_us, busy_gap_us and talk_us are 0..{MAX_REST_US}")
         self.rest_ns = rest_us * 1000
         self.gap_ns = busy_gap_us * 1000
-        self.last_end = -(1LL << 62)
+        self.talk_ns = talk_us * 1000
+        self.last_end = self.talk_until = -(1LL << 62)
         self.ring = keyring
         self.handler = handler
         self.have_cur = self.have_prev = False
@@ -237,8 +241,10 @@ cdef class Reader(Decider):
         cdef int n = 0, i = 0, call, err
         cdef Py_ssize_t total = 0
         cdef int fd = self.fd
-        cdef bint rest = may_rest and self.rest_ns and _now_ns() - self.last_end < self.gap_ns
-        cdef uint64_t handed = self.handed
+        cdef int64_t now = _now_ns()
+        cdef bint rest = (may_rest and self.rest_ns and now - self.last_end < self.gap_ns
+                          and now >= self.talk_until)
+        cdef uint64_t handed = self.handed, challenged = self.challenged
         cdef timespec pause
         pause.tv_sec = self.rest_ns // 1000000000
         pause.tv_nsec = self.rest_ns % 1000000000
@@ -269,13 +275,16 @@ cdef class Reader(Decider):
                 with nogil:
                     self.send_challenges()
             if n < RECV_BATCH:
-                if rest and n > 0 and self.handed == handed:  # a stream, only rejects so far
+                if (rest and n > 0 and self.handed == handed  # a stream, only rejects so far
+                        and self.challenged == challenged):
                     rest = False
                     with nogil:
                         nanosleep(&pause, NULL)
                     continue
                 break
         self.last_end = _now_ns()
+        if self.handed != handed or self.challenged != challenged:  # a conversation
+            self.talk_until = self.last_end + self.talk_ns
         return total
 
     def take(self):

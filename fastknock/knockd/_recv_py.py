@@ -23,8 +23,9 @@ Design
   ``budget`` recvmmsg batches, so a flood cannot starve the event loop.
 * The rest (``rest_us``, off by default; the C reader's design notes say why): a drain
   that starts within ``busy_gap_us`` of the previous one's end and has emptied the socket
-  without handing anything up sleeps ``rest_us`` once and reads what came meanwhile;
-  never with ``drain(may_rest=False)``.
+  with nothing handed up or answered sleeps ``rest_us`` once and reads what came
+  meanwhile; never with ``drain(may_rest=False)``, nor for ``talk_us`` after a drain that
+  handed up or answered something.
 """
 
 from __future__ import annotations
@@ -91,16 +92,18 @@ class Reader:
         cap_seed: bytes | None = None,
         rest_us: int = 0,
         busy_gap_us: int = 1000,
+        talk_us: int = 0,
     ) -> None:
         if sock.fileno() < 0:
             raise ValueError("socket is closed")
         if budget < 1:
             raise ValueError("budget must be at least 1")
-        if not 0 <= rest_us <= MAX_REST_US or not 0 <= busy_gap_us <= MAX_REST_US:
-            raise ValueError(f"rest_us and busy_gap_us are 0..{MAX_REST_US}")
+        if not all(0 <= t <= MAX_REST_US for t in (rest_us, busy_gap_us, talk_us)):
+            raise ValueError(f"rest_us, busy_gap_us and talk_us are 0..{MAX_REST_US}")
         self._rest_ns = rest_us * 1000
         self._gap_ns = busy_gap_us * 1000
-        self._last_end = -(1 << 62)
+        self._talk_ns = talk_us * 1000
+        self._last_end = self._talk_until = -(1 << 62)
         if keyring is None:
             raise TypeError("keyring must not be None")
         self._sock = sock
@@ -157,8 +160,14 @@ class Reader:
         live = self._live
         check = self._ring.check  # type: ignore[attr-defined]
         total = 0
-        rest = may_rest and self._rest_ns and time.monotonic_ns() - self._last_end < self._gap_ns
-        handed = counts["handed_up"]
+        now = time.monotonic_ns()
+        rest = (
+            may_rest
+            and self._rest_ns
+            and now - self._last_end < self._gap_ns
+            and now >= self._talk_until
+        )
+        handed, challenged = counts["handed_up"], counts["challenged"]
         for _ in range(self._budget):
             got = 0
             while got < BATCH:
@@ -196,12 +205,19 @@ class Reader:
                 counts["batches"] += 1
             total += got
             if got < BATCH:
-                if rest and got and counts["handed_up"] == handed:
+                if (
+                    rest
+                    and got
+                    and counts["handed_up"] == handed
+                    and counts["challenged"] == challenged
+                ):
                     rest = False
                     time.sleep(self._rest_ns / 1e9)
                     continue
                 break
         self._last_end = time.monotonic_ns()
+        if counts["handed_up"] != handed or counts["challenged"] != challenged:
+            self._talk_until = self._last_end + self._talk_ns
         return total
 
     def _decide(self, data: bytes, key: bytes, addr: tuple, check: object) -> str | None:

@@ -30,7 +30,8 @@ Design
 * Interrupt moderation, as NAPI does in the kernel (poll while busy, wait for the event
   when idle): under a stream of rejects the reader rests ``REST_US`` (200 us) once per
   wake-up before it reads again, instead of coming back to the loop for every datagram or
-  two (``_recv.pyx``, "The rest"). It never rests when idle, after a hand-up, or while
+  two (``_recv.pyx``, "The rest"). It never rests when idle, within ``TALK_US`` of a
+  hand-up or a CHALLENGE (a client's next datagram is due a round trip later), or while
   the loop has other work waiting (``Controller.quiet``: a firewall exchange takes about
   ten loop turns, and a resting drain holds the loop).
 * ``open_udp(controller, sock, path)`` starts either path on a bound socket; ``server.py``
@@ -69,6 +70,7 @@ PATHS: tuple[UdpPath, ...] = ("batched", "protocol")
 _MERGE = tuple(READER_FIELDS[name] for name in COUNTERS)
 MERGE_DELAY = 0.001  # seconds: how stale the reader's counters in the endpoint's may get
 REST_US = 200  # the reader's rest under a stream (Reader rest_us; _recv.pyx says why)
+TALK_US = 5000  # no rest this long after a hand-up or a CHALLENGE (Reader talk_us)
 
 
 class BatchedUdp:
@@ -90,6 +92,7 @@ class BatchedUdp:
             allowed_ops=FIRST_OPS,
             budget=budget,
             rest_us=REST_US,
+            talk_us=TALK_US,
         )
         self._reconfigure(endpoint.settings)
         # The reader answers KNOCKs with the challenger's secrets: start it on the current
