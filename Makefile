@@ -41,6 +41,7 @@ FLOOD_ARGS ?=
 bench-flood: setup
 	$(PY) bench/flood/run.py $(FLOOD_ARGS)
 	$(PY) bench/flood/tcp_idle.py
+	$(PY) bench/flood/hooks.py
 
 # The atheris fuzz targets (fuzz/), one after the other, FUZZ_SECONDS each; prints
 # executions, crashes, differences and violations per target and fails on any of them.
