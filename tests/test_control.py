@@ -203,6 +203,7 @@ def test_udp_session_times_out_and_frees_its_slot(run: Callable[[Any], Any]) -> 
             await asyncio.sleep(0.6)  # the firewall never answers in time
         assert c.endpoint.udp_peers == 0 and c.endpoint.limits.total == 0
         assert c.counters[Count.OUTCOME_TIMEOUT] == 1
+        await c.close()  # the stalled firewall request is still pending: cancel it
         proto.close()
 
     run(main())
