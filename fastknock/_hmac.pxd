@@ -52,7 +52,12 @@ cdef class KeyRing:
     # magic, operation (a bit in allowed_ops), user and AUTH (zero challenge) are good.
     cdef int check_raw(self, const unsigned char *data, Py_ssize_t n,
                        unsigned int allowed_ops) noexcept nogil
-    # check_raw that also stores the user's index (into ids/keys/users) on success.
+    # The checks of check_raw before the MAC (size, magic, operation, user): a Reason code,
+    # and the user's index (into ids/keys/users): read it only with REASON_OK.
+    cdef int frame_index(self, const unsigned char *data, Py_ssize_t n,
+                         unsigned int allowed_ops, Py_ssize_t *index) noexcept nogil
+    # check_raw that also stores the user's index (into ids/keys/users): read it only with
+    # REASON_OK.
     cdef int check_index(self, const unsigned char *data, Py_ssize_t n,
                          unsigned int allowed_ops, Py_ssize_t *index) noexcept nogil
     # Constant-time: 1 if auth (32 bytes) is the AUTH of head (20 bytes) and challenge

@@ -146,7 +146,7 @@ cdef inline void _hmac52(const hmac_state *k, const unsigned char *head,
     fk_secure_zero(s, sizeof(s))
 
 
-cdef inline bint _same_auth(const uint64_t mac[4], const unsigned char *auth) noexcept nogil:
+cdef bint auth_is(const uint64_t mac[4], const unsigned char *auth) noexcept nogil:
     """Constant time: whether auth (32 bytes) is mac (as lanes)."""
     return ((mac[0] ^ fk_load64le(auth)) | (mac[1] ^ fk_load64le(auth + 8))
             | (mac[2] ^ fk_load64le(auth + 16)) | (mac[3] ^ fk_load64le(auth + 24))) == 0
@@ -158,7 +158,7 @@ cdef inline bint _verify52(const hmac_state *k, const unsigned char *head,
     cdef uint64_t mac[4]
     cdef bint ok
     _hmac52(k, head, challenge, mac)
-    ok = _same_auth(mac, auth)
+    ok = auth_is(mac, auth)
     fk_secure_zero(mac, sizeof(mac))  # the true MAC of data an attacker may have chosen
     return ok
 
@@ -176,10 +176,6 @@ cdef void hmac52_x4(const hmac_state **keys, const unsigned char **heads,
         _outer_input(keys[j], mac[j], s[j])
     fk_keccakf1600_x4_out4(inp, mac, _vector)
     fk_secure_zero(s, sizeof(s))  # keyed state XOR public data
-
-
-cdef bint auth_is(const uint64_t mac[4], const unsigned char *auth) noexcept nogil:
-    return _same_auth(mac, auth)
 
 
 cdef int _head(object operation, object user, object resource, object salt,
@@ -355,18 +351,21 @@ cdef class KeyRing:
         cdef Py_ssize_t index
         return self.check_index(data, n, allowed_ops, &index)
 
-    cdef int check_index(self, const unsigned char *data, Py_ssize_t n,
+    cdef int frame_index(self, const unsigned char *data, Py_ssize_t n,
                          unsigned int allowed_ops, Py_ssize_t *index) noexcept nogil:
         cdef int reason = frame_reason(data, n, allowed_ops)
-        cdef Py_ssize_t i
         if reason != REASON_OK:
             return reason
-        i = self.index(load_be32(data + 8))
-        if i < 0:
-            return REASON_UNKNOWN_USER
-        if not _verify52(self.states[i], data + 4, ZERO32, data + 24):
+        index[0] = self.index(load_be32(data + 8))
+        return REASON_OK if index[0] >= 0 else REASON_UNKNOWN_USER
+
+    cdef int check_index(self, const unsigned char *data, Py_ssize_t n,
+                         unsigned int allowed_ops, Py_ssize_t *index) noexcept nogil:
+        cdef int reason = self.frame_index(data, n, allowed_ops, index)
+        if reason != REASON_OK:
+            return reason
+        if not _verify52(self.states[index[0]], data + 4, ZERO32, data + 24):
             return REASON_MAC
-        index[0] = i
         return REASON_OK
 
     cdef bint verify_index(self, Py_ssize_t i, const unsigned char *head,
@@ -411,15 +410,11 @@ cdef class KeyRing:
         for i in range(total + 1):
             if i < total:
                 p = <const unsigned char *>PyBytes_AS_STRING(bufs[i])
-                reason = frame_reason(p, PyBytes_GET_SIZE(bufs[i]), ops)
+                reason = self.frame_index(p, PyBytes_GET_SIZE(bufs[i]), ops, &index[n])
                 if reason == REASON_OK:
-                    index[n] = self.index(load_be32(p + 8))
-                    if index[n] < 0:
-                        reason = REASON_UNKNOWN_USER
-                    else:
-                        data[n] = p
-                        at[n] = i
-                        n += 1
+                    data[n] = p
+                    at[n] = i
+                    n += 1
                 out[i] = reason
             if n == 4 or (i == total and n):
                 self.verify_knocks(<int>n, index, data, ok)

@@ -6,7 +6,7 @@ from fastknock._hmac cimport HmacKey, KeyRing
 from fastknock.knockd._net cimport iovec, mmsghdr, peer_key, sockaddr_storage
 from fastknock.knockd._asked cimport asked_set
 from fastknock.knockd._live cimport live_set
-from fastknock.knockd._replay cimport cap_table
+from fastknock.knockd._replay cimport cap_entry, cap_table
 
 
 cdef enum:
@@ -69,6 +69,8 @@ cdef class Decider:
 
     cdef int decide(self, int start, int n) noexcept nogil
     cdef int first_verdict(self, int i) noexcept nogil
+    cdef int before_mac(self, int i, peer_key *k, cap_entry **e,
+                        Py_ssize_t *index) noexcept nogil
     cdef bint mac_candidate(self, int j, Py_ssize_t *index) noexcept nogil
     cdef void macs_from(self, int i, Py_ssize_t index) noexcept nogil
     cdef int check_response(self, const unsigned char *buf,

@@ -60,7 +60,6 @@ from fastknock._wire cimport (
     REASON_UNKNOWN_USER,
     WIRE_MAGIC,
     WIRE_MSG_SIZE,
-    frame_reason,
     load_be32,
     store_be32,
 )
@@ -111,22 +110,14 @@ cdef class Decider:
         cdef Py_ssize_t index
         cdef const unsigned char *buf = self.bufs[i]
         cdef peer_key k
-        cdef cap_entry *e = NULL
+        cdef cap_entry *e
         if self.pass_rejects:  # Python answers rejections too: it checks them itself
             return REASON_OK
         if load_be32(buf + 4) == OP_RESPONSE:
             return self.check_response(buf, &self.names[i])
-        _key_of(&self.names[i], &k)
-        if self.have_cur:
-            e = cap_find(&self.caps, buf + 24, self.epoch)
-            if cap_refuses(e, <const uint8_t *>&k):
-                return REASON_CAPPED
-        reason = frame_reason(buf, WIRE_MSG_SIZE, self.allowed_ops)
+        reason = self.before_mac(i, &k, &e, &index)
         if reason != REASON_OK:
             return reason
-        index = self.ring.index(load_be32(buf + 8))
-        if index < 0:
-            return REASON_UNKNOWN_USER
         if not (self.mac_known >> i) & 1:
             self.macs_from(i, index)
         if not (self.mac_ok >> i) & 1:
@@ -140,25 +131,31 @@ cdef class Decider:
             return VERDICT_CHALLENGED
         return reason
 
+    cdef int before_mac(self, int i, peer_key *k, cap_entry **e,
+                        Py_ssize_t *index) noexcept nogil:
+        """Steps 5-6 up to the MAC for KNOCK/REVOKE-shaped datagram i: REASON_CAPPED, a
+        frame reason (KeyRing.frame_index) or REASON_OK; with it the peer key k, the cap
+        entry e (for cap_record; NULL without secrets) and the user's index."""
+        cdef const unsigned char *buf = self.bufs[i]
+        _key_of(&self.names[i], k)
+        e[0] = NULL
+        if self.have_cur:
+            e[0] = cap_find(&self.caps, buf + 24, self.epoch)
+            if cap_refuses(e[0], <const uint8_t *>k):
+                return REASON_CAPPED
+        return self.ring.frame_index(buf, WIRE_MSG_SIZE, self.allowed_ops, index)
+
     cdef bint mac_candidate(self, int j, Py_ssize_t *index) noexcept nogil:
         """Whether datagram j of the batch will need its MAC if nothing changes before it is
-        decided (steps 1-6 up to the MAC, as first_verdict); its user's index."""
-        cdef const unsigned char *buf = self.bufs[j]
+        decided (steps 1-6 up to the MAC, as decide and first_verdict); its user's index."""
         cdef peer_key k
+        cdef cap_entry *e
         if (self.msgs[j].msg_len != WIRE_MSG_SIZE or (self.mac_known >> j) & 1
-                or load_be32(buf + 4) == OP_RESPONSE
-                or frame_reason(buf, WIRE_MSG_SIZE, self.allowed_ops) != REASON_OK):
+                or load_be32(self.bufs[j] + 4) == OP_RESPONSE):
             return False
         if self.live.used and live_has(&self.live, &self.names[j]):
             return False
-        index[0] = self.ring.index(load_be32(buf + 8))
-        if index[0] < 0:
-            return False
-        if self.have_cur:
-            _key_of(&self.names[j], &k)
-            return not cap_refuses(cap_find(&self.caps, buf + 24, self.epoch),
-                                   <const uint8_t *>&k)
-        return True
+        return self.before_mac(j, &k, &e, index) == REASON_OK
 
     cdef void macs_from(self, int i, Py_ssize_t index) noexcept nogil:
         """The MAC verdicts of datagram i (past the frame checks, its user at index) and of
