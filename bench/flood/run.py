@@ -52,6 +52,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -494,8 +495,8 @@ def main() -> int:
         "--rounds",
         type=int,
         default=3,
-        help="interleaved rounds of the C drain and the batched path without legit knocks, "
-        "for the CPU ratio (default: 3)",
+        help="interleaved rounds of the bare C drain, the resting C drain and the batched "
+        "path, without legit knocks, for the CPU ratios (default: 3)",
     )
     ap.add_argument(
         "--baseline",
@@ -606,11 +607,6 @@ def cpu_rounds(bench: Bench, modes: Sequence[str], rounds: int) -> list[Row]:
     return rows
 
 
-def median(xs: Sequence[float]) -> float:
-    ys = sorted(xs)
-    return (ys[(len(ys) - 1) // 2] + ys[len(ys) // 2]) / 2 if ys else float("nan")
-
-
 def prefilter_fill(bench: Bench, knocks: int) -> list[Row]:
     """The prefilter-fill rows, batched path: a no-flood control; the old per-address
     pre-filter (loaded by hand, fastknockfwd's own off); the current one without a spare
@@ -660,7 +656,7 @@ def summary(rows: list[Row], rss: tuple[int, int, int, int] | None) -> None:
     )
     labels = sorted(
         {r.path for r in rows if r.path.startswith("batched ") or r.path == "batched"}
-        - {"batched (RSS)", QUIET}
+        - {"batched (RSS)"}
     )
 
     def costs(path: str, mode: str) -> list[float]:
@@ -688,11 +684,11 @@ def summary(rows: list[Row], rss: tuple[int, int, int, int] | None) -> None:
         " in it) / the median C recvmmsg drain (same run):"
     )
     for mode in MODES:
-        d = median(costs(DRAIN, mode))
+        drains = costs(DRAIN, mode)
         cells = [
-            f"{lb} {r.cost / d:5.2f}x"
+            f"{lb} {r.cost / median(drains):5.2f}x"
             for lb in labels
-            if costs(DRAIN, mode) and (r := get(lb, mode))
+            if drains and (r := get(lb, mode))
         ]
         if cells:
             print(f"  {mode:<11} " + "  ".join(cells))

@@ -94,7 +94,7 @@ COUNTERS = (
 
 
 cdef enum:
-    MAX_REST_US = 1000000  # rest_us and busy_gap_us: at most a second
+    MAX_REST_US = 1000000  # rest_us, busy_gap_us and talk_us: at most a second
 
 
 @cython.auto_pickle(False)

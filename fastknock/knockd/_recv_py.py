@@ -66,7 +66,7 @@ COUNTERS: tuple[str, ...] = (
 _MAGIC = MAGIC.to_bytes(4, "big")
 _RESPONSE = Operation.RESPONSE.to_bytes(4, "big")
 BATCH = 64
-MAX_REST_US = 1_000_000  # rest_us and busy_gap_us: at most a second
+MAX_REST_US = 1_000_000  # rest_us, busy_gap_us and talk_us: at most a second
 _READ_SIZE = 64  # > 56: a datagram read whole as 56 bytes is exactly 56 bytes long
 _REASON_FIELD = {
     Reason.SIZE: "size",
