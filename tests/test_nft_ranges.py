@@ -25,9 +25,8 @@ from fastknock.firewall.leases import (
 from fastknock.firewall.nft import Firewall
 from fastknock.firewall.runner import LibNftables
 from tests import netns
-from tests.test_nft import CFG, Recorder
+from tests.test_nft import A4, CFG, Recorder
 
-A4 = ipaddress.IPv4Address("192.0.2.7")
 NET4 = ipaddress.ip_network("192.0.2.0/24")
 NET6 = ipaddress.ip_network("2001:db8:1:2::/64")
 
